@@ -1,0 +1,251 @@
+"""The two convolutions MobileNet is made of, and the block that pairs them.
+
+A standard 3x3 convolution mixes space and channels in one step: each of its `C_out` filters is
+`3 x 3 x C_in`. MobileNet factorises it into two cheaper steps (Howard et al. 2017, section 3.1):
+
+  depthwise  3x3, one filter per input channel    kernel [3, 3, 1, C * depth_multiplier]
+  pointwise  1x1, a matrix multiply over channels kernel [1, 1, C_in, C_out]
+
+each followed by BatchNorm and ReLU6. The depthwise step is *one* operation with several equally
+correct implementations; we keep four, because comparing them is the quickest way to understand it:
+
+  depthwise_conv_loops   NumPy loops, the definition itself (the test oracle; slow)
+  depthwise_conv_split   one 1-channel convolution per input channel, concatenated (naive TF code)
+  depthwise_conv_grouped XLA's grouped convolution, `feature_group_count=C` (what `nn.Conv` does)
+  depthwise_conv_shift_add nine shifted copies of the input, each scaled per channel and summed
+
+All take `x: [B, H, W, C]` and `kernel: [3, 3, 1, C * m]` and use SAME padding, and all agree
+(tests/test_layers.py checks outputs and gradients against the loops).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Dtype = Any
+
+# --------------------------------------------------------------------------------------------
+# SAME padding, spelled out once: every implementation below must pad exactly like XLA does.
+# --------------------------------------------------------------------------------------------
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding for SAME: output size is ceil(size / stride).
+
+    When the total is odd the extra row goes *after* (TensorFlow/XLA convention), so a stride-2
+    3x3 conv on a 32-pixel input pads 0 before and 1 after.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+# --------------------------------------------------------------------------------------------
+# Four implementations of one depthwise convolution.
+# --------------------------------------------------------------------------------------------
+
+
+def depthwise_conv_loops(x: np.ndarray, kernel: np.ndarray, stride: int = 1) -> np.ndarray:
+    """The definition, in NumPy loops: out[b, i, j, c*m + k] = sum_{di,dj} x[b, i*s+di, j*s+dj, c] w[di, dj, 0, c*m + k].
+
+    x: [B, H, W, C], kernel: [KH, KW, 1, C*m] -> [B, ceil(H/s), ceil(W/s), C*m]. Output channel `o`
+    reads input channel `o // m`: a depth multiplier m gives each input channel m filters of its own.
+    """
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    b, h, w, c = x.shape
+    kh, kw, _, cm = kernel.shape
+    m = cm // c
+    (top, bottom), (left, right) = same_padding(h, kh, stride), same_padding(w, kw, stride)
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = np.zeros((b, ho, wo, cm))
+    for o in range(cm):
+        for i in range(ho):
+            for j in range(wo):
+                window = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, o // m]  # [B, KH, KW]
+                out[:, i, j, o] = np.sum(window * kernel[:, :, 0, o], axis=(1, 2))
+    return out
+
+
+def _conv(x, kernel, stride, groups=1):
+    """XLA convolution, NHWC / HWIO, SAME padding."""
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def depthwise_conv_grouped(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """A grouped convolution with one group per input channel: `feature_group_count=C`.
+
+    With C groups, group g sees input channel g only and owns output channels g*m .. g*m+m-1,
+    which is exactly the depthwise layout of `kernel: [3, 3, 1, C*m]`.
+    """
+    return _conv(x, kernel, stride, groups=x.shape[-1])
+
+
+def depthwise_conv_split(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """One ordinary 1-input-channel convolution per channel, then concatenate (how naive TF1 code did it)."""
+    c = x.shape[-1]
+    m = kernel.shape[-1] // c
+    outs = [_conv(x[..., i:i + 1], kernel[..., i * m:(i + 1) * m], stride) for i in range(c)]
+    return jnp.concatenate(outs, axis=-1)  # [B, H', W', C*m]
+
+
+def depthwise_conv_shift_add(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """Nine shifted views of the padded input, each multiplied by one tap per channel, summed.
+
+    A depthwise filter never mixes channels, so it is just `KH*KW` elementwise multiply-adds with
+    a per-channel weight broadcast over [B, H, W]. Written this way XLA fuses all nine into one
+    loop over the output, with no im2col buffer and no grouped-convolution kernel; on CPU that is
+    much faster, forward and backward (see `python -m minimobile.bench --depthwise-impl ...`).
+    """
+    b, h, w, c = x.shape
+    kh, kw, _, cm = kernel.shape
+    m = cm // c
+    if m > 1:
+        x = jnp.repeat(x, m, axis=-1)  # output channel o reads input channel o // m
+    (top, bottom), (left, right) = same_padding(h, kh, stride), same_padding(w, kw, stride)
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = None
+    for di in range(kh):
+        for dj in range(kw):
+            # Rows di, di+s, ..., the input pixels that tap (di, dj) of every output pixel reads.
+            view = lax.slice(xp, (0, di, dj, 0),
+                             (b, di + (ho - 1) * stride + 1, dj + (wo - 1) * stride + 1, cm),
+                             (1, stride, stride, 1))  # [B, H', W', C*m]
+            term = view * kernel[di, dj, 0].astype(view.dtype)
+            out = term if out is None else out + term
+    return out
+
+
+DEPTHWISE_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "feature_group_count": depthwise_conv_grouped,
+    "shift_add": depthwise_conv_shift_add,
+    "split": depthwise_conv_split,
+}
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """'auto' picks the fastest implementation we measured for the current backend.
+
+    On GPU, cuDNN has dedicated depthwise kernels, so the grouped convolution is the right call.
+    On CPU, XLA's grouped convolution (and especially its backward pass) is slow, while shift-and-add
+    becomes nine fused elementwise loops (measured in `python -m minimobile.bench`).
+    """
+    if impl == "auto":
+        return "feature_group_count" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "shift_add"
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise_impl must be 'auto' or one of {sorted(DEPTHWISE_IMPLS)}, got {impl!r}")
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# Flax modules.
+# --------------------------------------------------------------------------------------------
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise 3x3 convolution with a choice of implementation.
+
+    Its parameters are exactly those of `nn.Conv(C*m, (3, 3), feature_group_count=C)`, a `kernel`
+    [3, 3, 1, C*m] (and a `bias` [C*m] if asked), so a checkpoint trained with one implementation
+    runs with any other.
+    """
+
+    depth_multiplier: int = 1
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: int = 1
+    use_bias: bool = False
+    impl: str = "shift_add"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1] * self.depth_multiplier
+        # Same initialiser as nn.Conv: lecun_normal over fan-in = 3*3*1 taps.
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, 1, channels), self.param_dtype)  # [3, 3, 1, C*m]
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = DEPTHWISE_IMPLS[self.impl](x, kernel, self.strides)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+def depthwise_conv(channels_in: int, *, depth_multiplier: int = 1, strides: int = 1, use_bias: bool = False,
+                   impl: str = "feature_group_count", dtype: Dtype = jnp.float32,
+                   param_dtype: Dtype = jnp.float32, name: str = "depthwise") -> nn.Module:
+    """The depthwise layer. By default literally `nn.Conv(C*m, (3, 3), feature_group_count=C)`."""
+    if impl == "feature_group_count":
+        return nn.Conv(channels_in * depth_multiplier, (3, 3), strides=strides, padding="SAME",
+                       feature_group_count=channels_in,  # one group per channel: kernel [3, 3, 1, C*m]
+                       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+    return DepthwiseConv(depth_multiplier, strides=strides, use_bias=use_bias, impl=impl,
+                         dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ConvBN(nn.Module):
+    """Convolution -> BatchNorm -> ReLU6: the unit every MobileNet layer is made of.
+
+    `conv` names the convolution kind: "full" (an ordinary KxK conv), "depthwise" or "pointwise".
+    BatchNorm statistics are averaged over `bn_axis_name` when training data-parallel (None under
+    plain `jit`), so 8 devices with 16 images each normalise exactly like 1 device with 128.
+    """
+
+    features: int
+    conv: str = "full"
+    strides: int = 1
+    depth_multiplier: int = 1
+    depthwise_impl: str = "feature_group_count"
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.conv == "depthwise":
+            x = depthwise_conv(x.shape[-1], depth_multiplier=self.depth_multiplier, strides=self.strides,
+                               impl=self.depthwise_impl, name="depthwise", **kw)(x)  # [B, H', W', C*m]
+        elif self.conv == "pointwise":
+            x = nn.Conv(self.features, (1, 1), use_bias=False, name="pointwise", **kw)(x)  # [B, H, W, C_out]
+        else:
+            x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
+                        name="conv", **kw)(x)  # [B, H', W', C_out]
+        # No conv bias: BatchNorm's beta already provides one.
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+                         axis_name=self.bn_axis_name, name="bn", **kw)(x)
+        return jax.nn.relu6(x)
+
+
+class SeparableBlock(nn.Module):
+    """Depthwise 3x3 (+BN+ReLU6) then pointwise 1x1 (+BN+ReLU6): the paper's Figure 3, right.
+
+    x: [B, H, W, C_in] -> [B, H/stride, W/stride, features]
+    """
+
+    features: int
+    strides: int = 1
+    depth_multiplier: int = 1
+    depthwise_impl: str = "feature_group_count"
+    bn_axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvBN(x.shape[-1] * self.depth_multiplier, conv="depthwise", strides=self.strides,
+                   depth_multiplier=self.depth_multiplier, depthwise_impl=self.depthwise_impl,
+                   name="depthwise", **kw)(x, train)      # filters space, channel by channel
+        x = ConvBN(self.features, conv="pointwise", name="pointwise", **kw)(x, train)  # mixes channels
+        return x

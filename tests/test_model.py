@@ -1,0 +1,104 @@
+"""MobileNetV1 as a functional module: shapes from the paper, stems, dtypes, dropout, sync BatchNorm."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from minimobile.model import MobileNetV1, MobileNetV1_Tiny, init_variables
+
+
+def features_shape(model, resolution):
+    """Shape of the pooled features, computed without running anything."""
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)))
+    return jax.eval_shape(model.apply, variables, jnp.zeros((2, resolution, resolution, 3))).shape
+
+
+def test_imagenet_stem_reduces_224_to_7x7_before_pooling_as_in_table_1():
+    model = MobileNetV1(num_classes=0)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    _, state = jax.eval_shape(functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]),
+                              variables, jnp.zeros((1, 224, 224, 3)))
+    shapes = {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"}
+    assert shapes["stem"] == (1, 112, 112, 32)
+    assert shapes["block01"] == (1, 112, 112, 64)
+    assert shapes["block13"] == (1, 7, 7, 1024)
+    assert features_shape(model, 224) == (2, 1024)
+
+
+def test_cifar_stem_keeps_32x32_and_width_thins_every_layer():
+    assert features_shape(MobileNetV1(num_classes=0, stem="cifar", width=0.5), 32) == (2, 512)
+    assert features_shape(MobileNetV1(num_classes=0, stem="cifar", width=0.25), 32) == (2, 256)
+    # The resolution multiplier is just the input size: same parameters, any resolution.
+    assert features_shape(MobileNetV1(num_classes=0, width=0.25), 160) == (2, 256)
+
+
+def test_apply_is_a_pure_function_of_its_variables():
+    model = MobileNetV1_Tiny()
+    variables = init_variables(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
+    # Training mode returns the new BatchNorm statistics instead of hiding them in the module.
+    logits, updates = apply(variables, x, train=True, mutable=("batch_stats",))
+    assert logits.shape == (4, 10)
+    old, new = variables["batch_stats"]["stem"]["bn"]["mean"], updates["batch_stats"]["stem"]["bn"]["mean"]
+    assert not np.allclose(old, new)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits_and_agrees_with_float32():
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    f32 = MobileNetV1_Tiny(width=0.25)
+    bf16 = MobileNetV1_Tiny(width=0.25, dtype=jnp.bfloat16)
+    variables = init_variables(f32, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init_variables(bf16, jax.random.key(0))))
+    y32, y16 = jax.jit(f32.apply)(variables, x), jax.jit(bf16.apply)(variables, x)
+    assert y16.dtype == jnp.float32
+    np.testing.assert_allclose(y16, y32, atol=0.1 * float(jnp.abs(y32).max()))
+
+
+def test_dropout_before_the_classifier_is_active_only_in_training():
+    model = MobileNetV1_Tiny(dropout_rate=0.5)
+    variables = init_variables(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    train = jax.jit(lambda rng: model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": rng})[0])
+    assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+    evaluate = jax.jit(lambda: model.apply(variables, x))
+    np.testing.assert_array_equal(evaluate(), evaluate())
+
+
+def test_standard_block_replaces_each_separable_pair_with_one_full_conv():
+    model = MobileNetV1_Tiny(block="standard")
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert variables["params"]["block02"]["conv"]["kernel"].shape == (3, 3, 4, 8)
+
+
+def test_unknown_stem_is_rejected():
+    with pytest.raises(ValueError, match="stem"):
+        features_shape(MobileNetV1(stem="mnist"), 32)
+
+
+def test_batchnorm_over_8_devices_normalises_like_one_device_with_the_whole_batch():
+    # Sync BatchNorm: with bn_axis_name set, statistics are averaged across the data-parallel axis,
+    # so sharding the batch over 8 devices changes nothing, outputs or updated running statistics.
+    devices = jax.devices()[:8]
+    assert len(devices) == 8, "tests/conftest.py sets --xla_force_host_platform_device_count=8"
+    single = MobileNetV1_Tiny(width=0.125)
+    sharded = MobileNetV1_Tiny(width=0.125, bn_axis_name="batch")
+    variables = init_variables(single, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    expected, expected_stats = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
+
+    def per_device(variables, x):
+        return sharded.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    got, got_stats = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch")),
+                                           out_specs=(P("batch"), P())))(variables, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_stats, expected_stats)
