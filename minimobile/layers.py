@@ -30,6 +30,10 @@ from jax import lax
 
 Dtype = Any
 
+# BatchNorm as PyTorch and most CIFAR recipes set it (TF-slim's ImageNet MobileNet used 0.9997 / 1e-3).
+BN_MOMENTUM = 0.9    # running = 0.9 * running + 0.1 * this batch
+BN_EPSILON = 1e-5
+
 # --------------------------------------------------------------------------------------------
 # SAME padding, spelled out once: every implementation below must pad exactly like XLA does.
 # --------------------------------------------------------------------------------------------
@@ -52,7 +56,9 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def depthwise_conv_loops(x: np.ndarray, kernel: np.ndarray, stride: int = 1) -> np.ndarray:
-    """The definition, in NumPy loops: out[b, i, j, c*m + k] = sum_{di,dj} x[b, i*s+di, j*s+dj, c] w[di, dj, 0, c*m + k].
+    """The definition, in NumPy loops.
+
+    out[b, i, j, c*m + k] = sum over (di, dj) of x_padded[b, i*s + di, j*s + dj, c] * w[di, dj, 0, c*m + k]
 
     x: [B, H, W, C], kernel: [KH, KW, 1, C*m] -> [B, ceil(H/s), ceil(W/s), C*m]. Output channel `o`
     reads input channel `o // m`: a depth multiplier m gives each input channel m filters of its own.
@@ -206,7 +212,7 @@ class ConvBN(nn.Module):
     depth_multiplier: int = 1
     depthwise_impl: str = "feature_group_count"
     bn_axis_name: str | None = None
-    bn_momentum: float = 0.9
+    bn_momentum: float = BN_MOMENTUM
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -222,7 +228,7 @@ class ConvBN(nn.Module):
             x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
                         name="conv", **kw)(x)  # [B, H', W', C_out]
         # No conv bias: BatchNorm's beta already provides one.
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
                          axis_name=self.bn_axis_name, name="bn", **kw)(x)
         return jax.nn.relu6(x)
 

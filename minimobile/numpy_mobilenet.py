@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from minimobile.layers import BN_MOMENTUM
 from minimobile.model import MOBILENET_V1_BLOCKS, STEM_STRIDES
 from minimobile.numpy_nn import (batch_moments, batchnorm_inference_backward, batchnorm_inference_forward,
                                  batchnorm_train_backward, batchnorm_train_forward, conv2d_backward,
@@ -33,8 +34,6 @@ from minimobile.numpy_nn import (batch_moments, batchnorm_inference_backward, ba
                                  softmax_cross_entropy_backward, softmax_cross_entropy_forward)
 
 Tree = dict[str, Any]  # a nested dict of arrays, shaped like Flax's `params` or `batch_stats`
-
-BN_MOMENTUM = 0.9  # layers.ConvBN's default: running = 0.9 * running + 0.1 * this batch
 
 
 # --------------------------------------------------------------------------------------------

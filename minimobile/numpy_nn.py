@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimobile.layers import same_padding
-
 # BatchNorm's epsilon, as in `layers.ConvBN`: keeps 1/sqrt(var + eps) finite for a constant channel.
-BN_EPSILON = 1e-5
-
+from minimobile.layers import BN_EPSILON, same_padding
 
 # --------------------------------------------------------------------------------------------
 # Convolutions. All three are written the same way: a 3x3 convolution is nine "taps", and tap
