@@ -1,0 +1,157 @@
+"""Data parallelism: one step body, three ways to run it on many devices.
+
+The step functions in `steps.py` are written for *one* device's share of the batch, and take an
+`axis_name` over which they average gradients, BatchNorm statistics and metrics. Here they are wrapped:
+
+  "jit"   one device; axis_name=None, so the averages are no-ops.
+  "pmap"  the classic API: every argument gets a leading device axis; state is replicated by stacking.
+  "mesh"  the modern one (default): `jax.jit(jax.shard_map(body, mesh))` over every device of every
+          process. Arguments are global arrays, replicated (P()) here; each device picks its own block
+          of the batch by `lax.axis_index`, so nothing is copied per step.
+
+Several hosts: launch one process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
+(or the variables your cluster sets; `jax.distributed.initialize()` reads SLURM's and others itself);
+`jax.devices()` then lists every device of every process, and the mesh spans them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minimobile.errors import UserError
+
+AXIS = "batch"
+MODES = ("mesh", "pmap", "jit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """How a run spreads over devices."""
+
+    mode: str
+    mesh: Mesh  # mesh: every device of every process; pmap: the local devices; jit: the first device
+
+    @property
+    def num_shards(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def axis_name(self) -> str | None:
+        return None if self.mode == "jit" else AXIS
+
+    def sharding(self, spec: P = P()) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           timeout_s: int = 60) -> None:
+    """Join a multi-process run (before any other JAX call). A peer that never comes fails within timeout_s."""
+    if coordinator is None:
+        return
+    if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives between processes
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s)
+
+
+def setup(mode: str) -> Parallel:
+    if mode not in MODES:
+        raise UserError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}.")
+    if mode == "mesh":
+        devices = np.array(jax.devices())
+    elif mode == "pmap":
+        if jax.process_count() > 1:
+            raise UserError("--parallel pmap runs on one process's devices; use --parallel mesh for several hosts.")
+        devices = np.array(jax.local_devices())
+    else:
+        if jax.process_count() > 1:
+            raise UserError("--parallel jit runs on one device; use --parallel mesh for several hosts.")
+        devices = np.array(jax.local_devices()[:1])
+    return Parallel(mode, Mesh(devices, (AXIS,)))
+
+
+def check_batch_size(batch_size: int, par: Parallel) -> None:
+    if batch_size % par.num_shards:
+        raise UserError(f"--batch-size {batch_size} does not split evenly across {par.num_shards} devices; "
+                        f"use a multiple of {par.num_shards}, e.g. {max(1, batch_size // par.num_shards) * par.num_shards}.")
+
+
+def replicate(tree: Any, par: Parallel) -> Any:
+    """Host arrays -> the same values on every device, in the form the mode's step expects.
+
+    mesh: a global array with a replicated sharding (made from each process's identical copy);
+    pmap: a stacked [devices, ...] array, one slice per device; jit: on the one device.
+    """
+    def put(x):
+        x = np.asarray(x)
+        if par.mode == "pmap":
+            return jax.device_put(np.broadcast_to(x, (par.num_shards, *x.shape)), par.sharding(P(AXIS)))
+        return jax.make_array_from_process_local_data(par.sharding(), x)
+    return jax.tree.map(put, tree)
+
+
+def replicate_device_tree(tree: Any, par: Parallel) -> Any:
+    """Device arrays (e.g. a restored state) -> replicated on every device, for the mode."""
+    if par.mode == "pmap":
+        return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (par.num_shards, *x.shape)), tree),
+                              par.sharding(P(AXIS)))
+    return jax.device_put(tree, par.sharding())
+
+
+def unreplicate(tree: Any, par: Parallel) -> Any:
+    """One copy of a replicated tree (pmap outputs carry a leading device axis)."""
+    return jax.tree.map(lambda x: x[0], tree) if par.mode == "pmap" else tree
+
+
+def on_all_devices(fn: Callable, par: Parallel) -> Callable:
+    """jit `fn` (no arguments sharded) so that its outputs come out replicated the way `replicate` makes them."""
+    if par.mode == "pmap":
+        stack = lambda *a: jax.tree.map(lambda x: jnp.broadcast_to(x, (par.num_shards, *jnp.shape(x))), fn(*a))
+        return jax.jit(stack, out_shardings=par.sharding(P(AXIS)))
+    return jax.jit(fn, out_shardings=par.sharding())
+
+
+def distribute(body: Callable, par: Parallel, out_specs: Any, *, donate_first: bool = True) -> Callable:
+    """Wrap a per-device step body `body(*args, axis_name=..., num_shards=...)` for the mode.
+
+    Every argument is replicated (each device finds its own share of the batch inside the body).
+    out_specs, for the mesh: P() for values that are the same on every device (state, averaged
+    metrics), P(..., AXIS) for per-device values (predictions), concatenated along that axis.
+    """
+    body = functools.partial(body, axis_name=par.axis_name, num_shards=par.num_shards)
+    donate = (0,) if donate_first else ()
+    if par.mode == "jit":
+        return jax.jit(body, donate_argnums=donate)
+    if par.mode == "pmap":
+        return jax.pmap(body, axis_name=AXIS, donate_argnums=donate, devices=list(par.mesh.devices.flat))
+
+    def mesh_fn(*args):
+        in_specs = tuple(jax.tree.map(lambda _: P(), a) for a in args)
+        return jax.shard_map(body, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+    return jax.jit(mesh_fn, donate_argnums=donate)
+
+
+def to_host(tree: Any, par: Parallel, batch_axis: int | None = None) -> Any:
+    """Device values on the host. For per-device outputs, concatenate the shards along batch_axis."""
+
+    def get(x):
+        if par.mode == "pmap" and batch_axis is not None:
+            x = np.moveaxis(np.asarray(x), 0, batch_axis)  # [..., devices, b, ...]: merge the two axes
+            return x.reshape(*x.shape[:batch_axis], -1, *x.shape[batch_axis + 2:])
+        if par.mode == "pmap":
+            return np.asarray(x[0])
+        if not x.is_fully_addressable:  # several processes: each holds part of a sharded output
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)

@@ -1,0 +1,121 @@
+"""What a run leaves for people to read: metrics.jsonl, TensorBoard event files, and PNG figures.
+
+`metrics.jsonl` holds one JSON object per line: every log step of training
+(`{"step", "epoch", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"}`) and every
+evaluation (`{"step", "epoch", "eval_loss", "eval_accuracy", "eval_accuracy_top5"}`). It is the
+boring, greppable record; TensorBoard shows the same numbers as curves.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+
+class MetricsWriter:
+    """Appends to workdir/metrics.jsonl and writes TensorBoard events to workdir/tensorboard."""
+
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.tensorboard = None
+        if not enabled:
+            return
+        # A run killed after its last checkpoint logged steps it will now redo: drop those lines,
+        # so the file reads as one uninterrupted run.
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _parse(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # TensorBoard is a nicety; the JSON lines are the record
+            pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key.replace("_", "/", 1), value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _parse(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill: ignore it
+        return {"step": float("inf")}
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    return [r for r in map(_parse, pathlib.Path(path).read_text().splitlines()) if r.get("step") != float("inf")]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files, not windows: works on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: str = "") -> pathlib.Path:
+    """Loss and accuracy against step, train and test, in one PNG."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for prefix, style in (("train", "-"), ("eval", "o-")):
+        rows = [r for r in records if f"{prefix}_loss" in r]
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        label = "train (augmented, running)" if prefix == "train" else "test"
+        ax_loss.plot(steps, [r[f"{prefix}_loss"] for r in rows], style, label=label, markersize=3)
+        ax_acc.plot(steps, [100 * r[f"{prefix}_accuracy"] for r in rows], style, label=label, markersize=3)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="step", ylabel="top-1 accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K, K] counts: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | pathlib.Path) -> pathlib.Path:
+    """The confusion matrix, rows normalised to 1, as a PNG (class names shown when there are few)."""
+    plt = _pyplot()
+    k = len(class_names)
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6 + k / 12, 5.5 + k / 12))
+    image = ax.imshow(rates, cmap="viridis", vmin=0, vmax=1)
+    if k <= 20:
+        ax.set_xticks(range(k), class_names, rotation=90)
+        ax.set_yticks(range(k), class_names)
+    ax.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (each row sums to 1)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return pathlib.Path(path)

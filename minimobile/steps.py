@@ -1,0 +1,204 @@
+"""The train step and the evaluation, as pure functions of explicit state.
+
+`train_step(state, batch, rng) -> (state, metrics)` is the whole of learning: forward, loss, backward,
+gradient averaging across devices, optimizer update. It never touches the host. The same body runs
+
+  * under plain `jax.jit` on one device            (axis_name=None: nothing to average),
+  * under `jax.pmap` over the local devices         (axis_name="batch"),
+  * under `jax.jit(jax.shard_map(...))` over a mesh of every device of every process,
+
+and `parallel.py` is where it gets wrapped. `train_step_on_device_data` adds the input pipeline in
+front of it (pick this step's examples from the dataset already on the device, augment, normalise), so
+that one compiled program does everything a training step needs and the host only says "go".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from flax.training import train_state
+from jax import lax
+
+from minimobile import augment as augment_lib
+from minimobile import data as data_lib
+from minimobile.config import Config
+from minimobile.layers import resolve_depthwise_impl
+from minimobile.model import MobileNetV1
+
+
+class TrainState(train_state.TrainState):
+    """step, params, opt_state (from flax) plus BatchNorm's running statistics: the whole of a run's state."""
+
+    batch_stats: Any = None
+
+
+def compute_dtype(config: Config) -> jnp.dtype:
+    """bfloat16 where the hardware has fast bf16 matrix units (GPU, TPU); float32 on CPU."""
+    if config.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    return jnp.dtype(config.dtype)
+
+
+def build_model(config: Config, num_classes: int, bn_axis_name: str | None = None):
+    """The network a config describes. `bn_axis_name` must be the data-parallel axis of the step."""
+    if config.model == "seed_cnn":
+        from minimobile.seed_cnn import SeedCNN  # the report's small CIFAR-10 network (issue 8)
+
+        return SeedCNN(num_classes=num_classes, batch_norm=config.batch_norm, bn_axis_name=bn_axis_name,
+                       depthwise_impl=resolve_depthwise_impl(config.depthwise_impl), dtype=compute_dtype(config))
+    return MobileNetV1(num_classes=num_classes, width=config.width, stem=config.stem, block=config.block,
+                       depth_multiplier=config.depth_multiplier, dropout_rate=config.dropout_rate,
+                       dtype=compute_dtype(config), bn_axis_name=bn_axis_name,
+                       depthwise_impl=resolve_depthwise_impl(config.depthwise_impl))
+
+
+def decay_mask(params) -> Any:
+    """Weight decay on conv and dense kernels only.
+
+    Not on BatchNorm's scale/shift or biases (decaying them only fights the normalisation), and not
+    on depthwise kernels: "it is important to put very little or no weight decay on the depthwise
+    filters since there are so few parameters in them" (the MobileNet paper, section 4).
+    """
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: path[-1] == "kernel" and path[-2] != "depthwise" for path in flat})
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to 0 (or constant)."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1))
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
+                                     optax.constant_schedule(config.learning_rate)], [warmup])
+    return optax.constant_schedule(config.learning_rate)
+
+
+def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if config.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                           optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+    if config.optimizer == "adam":
+        if config.weight_decay:
+            return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+        return optax.adam(schedule)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, int, int]) -> TrainState:
+    """Initial parameters, BatchNorm statistics and optimizer state (jit this: it is one XLA program)."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot targets. logits: [B, K] -> [B]."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               label_smoothing: float = 0.0, learning_rate_fn: Callable | None = None,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step. batch: {"image": [B, H, W, 3] float (normalised), "label": [B] int}.
+
+    With `axis_name`, this body sees only its device's share of the batch: gradients and metrics are
+    averaged over the axis (and BatchNorm, built with the same axis name, averages its statistics),
+    so every device ends the step with identical parameters.
+    """
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                         train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)  # the gradient of the *global* batch's mean loss
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if axis_name is not None:
+        metrics = lax.pmean(metrics, axis_name)
+    if learning_rate_fn is not None:
+        metrics["learning_rate"] = learning_rate_fn(state.step - 1)  # the rate this step used
+    return state, metrics
+
+
+def shard_position(axis_name: str | None, num_shards: int):
+    """Which block of the global batch this device holds: 0 of 1 without an axis."""
+    return (lax.axis_index(axis_name), num_shards) if axis_name is not None else (0, 1)
+
+
+def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, perm: jax.Array,
+                              base_rng: jax.Array, *, config: Config, steps_per_epoch: int,
+                              mean, std, learning_rate_fn=None, axis_name: str | None = None,
+                              num_shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Select, augment and normalise this step's examples on the device, then `train_step`.
+
+    images: [N, H, W, 3] uint8 and labels: [N], the whole split, already on every device;
+    perm: [N], this epoch's shuffled order. Everything else (step, RNG) derives from `state.step`,
+    so no value crosses from the host per step, and a resumed run sees exactly the same batches.
+    """
+    shard, num_shards = shard_position(axis_name, num_shards)
+    global_batch = config.batch_size
+    local = global_batch // num_shards
+    indices = data_lib.train_batch_indices(perm, state.step % steps_per_epoch, global_batch)  # [B]
+    indices = data_lib.shard_slice(indices, num_shards, shard)                                # [B / devices]
+    step_rng = jax.random.fold_in(base_rng, state.step)
+    # One key per example, from its position in the *global* batch: augmentation does not depend on
+    # how many devices share the batch. Dropout keys differ per device (each masks its own examples).
+    positions = shard * local + jnp.arange(local)
+    augment_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_rng, 0), positions)
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(step_rng, 1), shard)
+    x = augment_lib.augment_batch(augment_keys, images[indices], config.augment)   # [B/d, H, W, 3] float32
+    batch = {"image": augment_lib.normalize(x, mean, std), "label": labels[indices]}
+    return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
+                      learning_rate_fn=learning_rate_fn, axis_name=axis_name)
+
+
+def evaluate_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,
+                            mask: jax.Array, *, mean, std, axis_name: str | None = None,
+                            num_shards: int = 1) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The whole test split in one call: a `lax.scan` over batches, never augmented.
+
+    indices, mask: [S, B] from `data.eval_batches` (padding rows have mask False and count for nothing).
+    Returns sums over the split (loss, top-1 and top-5 correct, count) and this device's top-1
+    predictions [S, B / devices], for confusion matrices.
+    """
+    shard, num_shards = shard_position(axis_name, num_shards)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def one_batch(_, row):
+        idx, m = (data_lib.shard_slice(r, num_shards, shard) for r in row)
+        x = augment_lib.normalize(images[idx].astype(jnp.float32), mean, std)
+        logits = state.apply_fn(variables, x, train=False)                       # [b, K]
+        y = labels[idx]
+        top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]                    # [b, 5]
+        m = m.astype(jnp.float32)
+        batch_sums = {"loss": jnp.sum(cross_entropy(logits, y) * m),
+                      "correct": jnp.sum((top5[:, 0] == y) * m),
+                      "correct_top5": jnp.sum(jnp.any(top5 == y[:, None], -1) * m),
+                      "count": jnp.sum(m)}
+        return None, (batch_sums, top5[:, 0])
+
+    _, (per_batch, predictions) = lax.scan(one_batch, None, (indices, mask))
+    sums = jax.tree.map(jnp.sum, per_batch)                                      # [S] -> scalars
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    return sums, predictions
+
+
+def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
+    """Sums over the split -> {"loss", "accuracy", "accuracy_top5", "count"} (host floats)."""
+    count = float(sums["count"])
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
+            "accuracy_top5": float(sums["correct_top5"]) / count, "count": int(count)}

@@ -1,0 +1,361 @@
+"""`python -m minimobile.train --dataset cifar100`: the training loop and its command line.
+
+    train_and_evaluate(config, workdir)   the loop; tests, tutorials and notebooks call it directly
+    main()                                parses flags into a Config and calls it
+
+The loop owns everything that is *not* the math of a step (that is steps.py): putting the data on
+the devices once, calling the compiled step, reading metrics back every `log_every_steps` (never per
+step: each read would make the host wait for the device), evaluating, checkpointing, resuming, and
+stopping cleanly on SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from minimobile import augment as augment_lib
+from minimobile import data as data_lib
+from minimobile import parallel, report, steps
+from minimobile.checkpoint import Checkpoints
+from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
+from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error
+
+
+def validate(config: Config) -> None:
+    """Reject settings that cannot work, each with one sentence saying what to change."""
+    positive = {"--epochs": config.epochs if not config.steps else 1, "--width": config.width,
+                "--batch-size": config.batch_size, "--learning-rate": config.learning_rate}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}.")
+    if config.steps < 0:
+        raise UserError(f"--steps must be positive (or 0 to count in epochs), got {config.steps}.")
+    if config.augment not in augment_lib.AUGMENTATIONS:
+        raise UserError(f"--augment must be one of {', '.join(augment_lib.AUGMENTATIONS)}, got {config.augment!r}.")
+
+
+class Workdir:
+    """workdir/: config.json, dataset.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path).expanduser()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".writable"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to --workdir {self.path} ({e.strerror or e}); "
+                            "choose a directory you can write to.") from None
+
+    def check_same_model(self, config: Config) -> None:
+        """A workdir holds one model: resuming it with other shapes would fail deep inside orbax."""
+        saved_path = self.path / "config.json"
+        if not saved_path.exists():
+            return
+        saved = Config.from_json(saved_path.read_text())
+        different = [f for f in MODEL_FIELDS if getattr(saved, f) != getattr(config, f)]
+        if different:
+            what = ", ".join(f"{f} {getattr(saved, f)!r} there vs {getattr(config, f)!r} now" for f in different)
+            raise UserError(f"--workdir {self.path} holds a run of a different model ({what}); "
+                            "use a new --workdir, or the settings it was made with.")
+
+    def save_config(self, config: Config, dataset: data_lib.Dataset) -> None:
+        (self.path / "config.json").write_text(config.to_json() + "\n")
+        info = {"name": dataset.name, "num_classes": dataset.num_classes, "class_names": dataset.class_names,
+                "mean": dataset.mean, "std": dataset.std, "image_shape": dataset.train.images.shape[1:],
+                "train_examples": len(dataset.train.labels), "test_examples": len(dataset.test.labels)}
+        (self.path / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+class StopRequest:
+    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        handler = lambda signum, frame: setattr(self, "signal", signum)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """When things happen, in steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    eval_at: tuple[int, ...]
+    checkpoint_every: int
+    log_every: int
+
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+    def is_eval(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step in self.eval_at or step == self.total_steps
+
+    def is_checkpoint(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or step == self.total_steps
+
+
+def make_schedule(config: Config, num_train: int) -> Schedule:
+    spe = data_lib.steps_per_epoch(num_train, config.batch_size)
+    total = config.steps or config.epochs * spe
+    return Schedule(spe, total, eval_every=config.eval_every_steps or spe, eval_at=tuple(config.eval_at_steps),
+                    checkpoint_every=config.checkpoint_every_steps or spe,
+                    log_every=max(1, min(config.log_every_steps, spe)))
+
+
+def say(*args) -> None:
+    """Print on the first process only (every process runs this same loop)."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir: str | None = None,
+                       dataset: data_lib.Dataset | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir` to the end of its schedule; returns the final test metrics.
+
+    `dataset` may be given directly (tests, tutorials); otherwise it is loaded from TFDS.
+    """
+    validate(config)
+    par = parallel.setup(config.parallel)
+    parallel.check_batch_size(config.batch_size, par)
+    work = Workdir(workdir)
+    work.check_same_model(config)
+    ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
+    sched = make_schedule(config, len(ds.train.labels))
+    work.save_config(config, ds)
+
+    # The model and optimizer. BatchNorm averages over the same axis the step averages gradients over.
+    learning_rate_fn = steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps)
+    model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
+    tx = steps.make_optimizer(config, learning_rate_fn)
+    image_shape = ds.train.images.shape[1:]
+    init = lambda: steps.create_train_state(jax.random.key(config.seed), model, tx, image_shape)
+    state = parallel.on_all_devices(init, par)()
+
+    # Resume from the newest readable checkpoint, if any.
+    checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
+    restored, start = checkpoints.restore_latest(parallel.unreplicate(state, par))
+    start = start or 0
+    if start:
+        state = parallel.replicate_device_tree(restored, par)
+        more = " (train longer)" if start % sched.steps_per_epoch == 0 and start < sched.total_steps else ""
+        say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{more}")
+
+    # The data goes to the devices once; every step reads its batch there.
+    train_images, train_labels, test_images, test_labels = parallel.replicate(
+        (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels), par)
+    eval_indices, eval_mask = parallel.replicate(data_lib.eval_batches(len(ds.test.labels), config.batch_size), par)
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    epoch_order = parallel.on_all_devices(
+        lambda epoch: data_lib.epoch_permutation(jax.random.fold_in(data_key, epoch), len(ds.train.labels)), par)
+
+    norm = dict(mean=ds.mean, std=ds.std)
+    step_fn = parallel.distribute(functools.partial(
+        steps.train_step_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
+        learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
+    eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
+                                  out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
+    base_rng = parallel.on_all_devices(lambda: jax.random.fold_in(jax.random.key(config.seed), 2), par)()
+
+    def evaluate(state) -> dict[str, float]:
+        sums, predictions = eval_fn(state, test_images, test_labels, eval_indices, eval_mask)
+        metrics = steps.summarize_eval(parallel.to_host(sums, par))
+        if config.eval_subset:  # the report's habit: accuracy on the first N test images only
+            correct = parallel.to_host(predictions, par, batch_axis=1).reshape(-1)[:config.eval_subset]
+            metrics[f"accuracy_first_{config.eval_subset}"] = float(
+                np.mean(correct == ds.test.labels[:config.eval_subset]))
+        return metrics
+
+    dropped = len(ds.train.labels) % config.batch_size
+    say(f"{ds.name}: {len(ds.train.labels):,} train / {len(ds.test.labels):,} test images, {ds.num_classes} classes; "
+        f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
+        + (f" (the last {dropped} of each epoch's shuffled order wait for the next epoch)" if dropped else "")
+        + f"; {sched.total_steps:,} steps on {par.num_shards} {jax.default_backend()} device(s), {config.parallel}.")
+
+    writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
+    stop = StopRequest()
+    final: dict[str, Any] = {}
+    last_checkpoint = start if start else None
+    try:
+        with stop.installed():
+            state, final, last_checkpoint = _loop(
+                config, sched, par, state, start, step_fn, evaluate, epoch_order, train_images, train_labels,
+                base_rng, checkpoints, writer, stop, progress, last_checkpoint)
+        if stop:
+            name = signal.Signals(stop.signal).name
+            say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
+                "rerun the same command to resume from there.")
+            raise SystemExit(128 + stop.signal)
+        if start >= sched.total_steps:
+            say(f"already trained for {sched.total_steps:,} steps; pass a larger --epochs to train longer.")
+            final = evaluate(state)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+    records = report.read_metrics(writer.path) if writer.path.exists() else []
+    if jax.process_index() == 0 and records:
+        report.plot_curves(records, work.path / "curves.png", title=f"MobileNet-V1 x{config.width} on {ds.name}")
+    say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
+        f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {work.path / 'curves.png'}")
+    return final
+
+
+def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, images, labels, base_rng,
+          checkpoints, writer, stop, progress, last_checkpoint):
+    """The steps themselves. Returns (state, last eval metrics, last checkpointed step)."""
+    from tqdm.auto import tqdm
+
+    final: dict[str, Any] = {}
+    pending: list[dict] = []          # device metrics not yet read back
+    tick, tick_step = time.perf_counter(), start
+    order, bar = None, None
+    last_good = start
+    for step in range(start, sched.total_steps):
+        epoch, step_in_epoch = divmod(step, sched.steps_per_epoch)
+        if order is None or step_in_epoch == 0:
+            order = epoch_order(np.int32(epoch))
+            if bar is not None:
+                bar.close()
+            total = min(sched.steps_per_epoch, sched.total_steps - epoch * sched.steps_per_epoch)
+            # disable=None: a bar on a terminal, none in logs and CI.
+            hide = True if jax.process_index() != 0 else (not progress if progress is not None else None)
+            bar = tqdm(total=total, initial=step_in_epoch, desc=f"epoch {epoch + 1}", leave=False, unit="step",
+                       disable=hide)
+
+        state, metrics = step_fn(state, images, labels, order, base_rng)
+        pending.append(metrics)
+        done = step + 1
+
+        if done % sched.log_every == 0 or done == sched.total_steps or stop or sched.is_eval(done):
+            # The only place the host waits for the device during training.
+            values = jax.device_get([parallel.unreplicate(m, par) for m in pending])
+            mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+            if not math.isfinite(mean["loss"]):
+                bar.close()
+                kept = f"the last good checkpoint (step {last_checkpoint:,}) is kept" if last_checkpoint else \
+                    "no checkpoint had been written yet"
+                raise TrainingDiverged(f"the training loss became {mean['loss']} between steps {last_good:,} and "
+                                       f"{done:,}; {kept}, so lower --learning-rate and rerun.")
+            last_good = done
+            now = time.perf_counter()
+            images_per_sec = (done - tick_step) * config.batch_size / max(now - tick, 1e-9)
+            tick, tick_step = now, done
+            writer.write({"step": done, "epoch": round(sched.epoch(done), 4), "train_loss": mean["loss"],
+                          "train_accuracy": mean["accuracy"], "learning_rate": mean.get("learning_rate"),
+                          "images_per_sec": round(images_per_sec, 1)})
+            bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{100 * mean['accuracy']:.1f}%",
+                            img_s=f"{images_per_sec:,.0f}", refresh=False)
+            bar.update(len(pending))
+            pending = []
+            train_summary = mean
+
+        if stop:
+            checkpoints.save(done, parallel.unreplicate(state, par))
+            bar.close()
+            return state, final, done
+
+        if sched.is_eval(done):
+            final = evaluate(state)
+            writer.write({"step": done, "epoch": round(sched.epoch(done), 4),
+                          **{f"eval_{k}": v for k, v in final.items() if k != "count"}})
+            extra = "".join(f", {k.replace('_', ' ')} {100 * v:.2f} %" for k, v in final.items()
+                            if k.startswith("accuracy_first"))
+            bar.clear()
+            say(f"epoch {sched.epoch(done):6.2f}  step {done:>7,}  train loss {train_summary['loss']:.3f} "
+                f"acc {100 * train_summary['accuracy']:5.1f} %  |  test loss {final['loss']:.3f} "
+                f"top-1 {100 * final['accuracy']:5.2f} % top-5 {100 * final['accuracy_top5']:5.2f} %{extra}"
+                f"  |  {images_per_sec:,.0f} img/s")
+        if sched.is_checkpoint(done):
+            metrics = {"eval_accuracy": final["accuracy"]} if sched.is_eval(done) else None
+            checkpoints.save(done, parallel.unreplicate(state, par), metrics)
+            last_checkpoint = done
+    if bar is not None:
+        bar.close()
+    return state, final, last_checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+# --------------------------------------------------------------------------------------------
+
+FLAGS = {  # flag -> Config field; every one overrides the recipe
+    "--dataset": "dataset", "--labels": "label_key", "--epochs": "epochs", "--steps": "steps",
+    "--batch-size": "batch_size", "--width": "width", "--seed": "seed", "--dtype": "dtype",
+    "--learning-rate": "learning_rate", "--weight-decay": "weight_decay", "--augment": "augment",
+    "--depthwise-impl": "depthwise_impl", "--parallel": "parallel", "--dropout": "dropout_rate",
+    "--block": "block", "--log-every": "log_every_steps",
+}
+
+
+def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m minimobile.train",
+                                description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.")
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="a documented starting config")
+    p.add_argument("--dataset", choices=data_lib.DATASETS, help="cifar100 (default) or cifar10")
+    p.add_argument("--labels", choices=("label", "coarse_label"), help="cifar100: fine (100) or coarse (20) labels")
+    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
+    p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics and figures go here; "
+                   "rerunning with the same workdir resumes")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, help="count the run in steps instead of epochs")
+    p.add_argument("--batch-size", type=int, help="global batch, split evenly across all devices")
+    p.add_argument("--width", type=float, help="width multiplier alpha (1.0, 0.75, 0.5, 0.25)")
+    p.add_argument("--block", choices=("separable", "standard"), help="'standard' = the full-convolution baseline")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="compute dtype (params stay float32)")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--augment", choices=augment_lib.AUGMENTATIONS)
+    p.add_argument("--depthwise-impl", choices=("auto", "feature_group_count", "shift_add", "split"))
+    p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
+    p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (then --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    args = p.parse_args(argv)
+    config = recipe(args.recipe)
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in FLAGS.items()}
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    return config, args
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    config, args = parse_args(argv)
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    train_and_evaluate(config, args.workdir, data_dir=args.data_dir, progress=False if args.no_progress else None)
+
+
+if __name__ == "__main__":
+    main()
