@@ -17,6 +17,7 @@ class Config:
     dataset: str = "cifar100"          # "cifar100" (100 fine classes) or "cifar10"
     label_key: str = "label"           # cifar100: "label" (fine) or "coarse_label" (20 superclasses)
     augment: str = "standard"          # "standard" (pad-4 crop + flip), "seed" (the report's), "none"
+    normalization: str = "dataset"     # "dataset": (x - mean) / std per channel; "minus_one_to_one": x / 127.5 - 1
     # --- model --------------------------------------------------------------------------------
     model: str = "mobilenet_v1"        # or "seed_cnn", the report's small CIFAR-10 network
     width: float = 1.0                 # the width multiplier alpha
@@ -64,7 +65,8 @@ class Config:
 
 
 # Fields that decide what the parameters *mean*: a workdir written with other values cannot be resumed.
-MODEL_FIELDS = ("dataset", "label_key", "model", "width", "stem", "block", "depth_multiplier", "batch_norm")
+MODEL_FIELDS = ("dataset", "label_key", "model", "width", "stem", "block", "depth_multiplier", "batch_norm",
+                "normalization")
 
 
 RECIPES: dict[str, Config] = {
@@ -81,6 +83,33 @@ RECIPES: dict[str, Config] = {
     # Expected result and time: not yet measured by a run of ours.
     "seed": Config(optimizer="adam", learning_rate=1e-3, weight_decay=0.0, label_smoothing=0.0,
                    schedule="constant", warmup_epochs=0.0, augment="seed", batch_size=4096, epochs=50),
+    # The report's second experiment, its small separable CNN on CIFAR-10 (minimobile/seed_cnn.py):
+    #   python -m minimobile.train --recipe seed-tf --workdir runs/seed-tf
+    # As its TensorFlow 1 code ran it: inputs scaled to [-1, 1], no BatchNorm, Adam 1e-3, batch 20, plain
+    # cross-entropy, no augmentation, reshuffled each pass, float32. 10,000 steps of 20 = 4 epochs.
+    # The report: 58.35 % after 5,000 steps, 64.6 % after 10,000 (69.35 % after 100,000: --steps 100000).
+    # It measured on its first 2,000 test images, so we report those (eval_accuracy_first_2000) beside the
+    # full 10,000. Batch 20 does not split over 8 GPUs: on a machine with several, add --parallel jit.
+    # Expected result and time: not measured by us yet (it needs the CIFAR-10 download).
+    "seed-tf": Config(dataset="cifar10", model="seed_cnn", batch_norm=False, normalization="minus_one_to_one",
+                      optimizer="adam", learning_rate=1e-3, weight_decay=0.0, label_smoothing=0.0,
+                      schedule="constant", warmup_epochs=0.0, augment="none", batch_size=20, steps=10_000,
+                      eval_every_steps=1_000, eval_at_steps=(5_000, 10_000), eval_subset=2_000,
+                      checkpoint_every_steps=1_000, dtype="float32"),
+    # Ours for the same network and the same budget, 10,000 steps of 20 images (BatchNorm adds a little work a step):
+    #   python -m minimobile.train --recipe seed-tf-ours --workdir runs/seed-tf-ours
+    # Two changes, both about optimisation, none to the network's trainable parameters (11,530 either way):
+    #   * BatchNorm after every conv, with no learned scale, in place of the conv biases (seed_cnn.py says
+    #     why the count stays the same; it folds into the convs at inference, giving back the report's net);
+    #   * the learning rate warmed up over 500 steps to 2e-3, then cosine-decayed to 0 by step 10,000.
+    # No augmentation: 4 epochs of an 11.5 k-parameter network underfit, they do not overfit, and
+    # augmentation fights overfitting (for runs of many more steps try --augment standard).
+    # Not tuned on CIFAR-10. Expected result and time: not measured by us yet (it needs the CIFAR-10 download).
+    "seed-tf-ours": Config(dataset="cifar10", model="seed_cnn", batch_norm=True, normalization="dataset",
+                           optimizer="adam", learning_rate=2e-3, weight_decay=0.0, label_smoothing=0.0,
+                           schedule="cosine", warmup_epochs=0.2, augment="none", batch_size=20, steps=10_000,
+                           eval_every_steps=1_000, eval_at_steps=(5_000, 10_000), eval_subset=2_000,
+                           checkpoint_every_steps=1_000, dtype="float32"),
 }
 
 

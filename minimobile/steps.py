@@ -27,6 +27,7 @@ from jax import lax
 from minimobile import augment as augment_lib
 from minimobile import data as data_lib
 from minimobile.config import Config
+from minimobile.errors import UserError
 from minimobile.layers import resolve_depthwise_impl
 from minimobile.model import MobileNetV1
 
@@ -55,6 +56,23 @@ def build_model(config: Config, num_classes: int, bn_axis_name: str | None = Non
                        depth_multiplier=config.depth_multiplier, dropout_rate=config.dropout_rate,
                        dtype=compute_dtype(config), bn_axis_name=bn_axis_name,
                        depthwise_impl=resolve_depthwise_impl(config.depthwise_impl))
+
+
+# The pixel scalings a config can ask for: the dataset's own statistics, or the report's fixed x / 127.5 - 1.
+NORMALIZATIONS = ("dataset", "minus_one_to_one")
+
+
+def input_normalization(config: Config, dataset_mean, dataset_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) that `augment.normalize` should use for this config, train and test alike.
+
+    "dataset" centres each channel on the training set's mean and std (about zero mean, unit std);
+    "minus_one_to_one" is the report's x / 127.5 - 1, which is the same formula with mean = std = 127.5.
+    """
+    if config.normalization == "dataset":
+        return tuple(dataset_mean), tuple(dataset_std)
+    if config.normalization == "minus_one_to_one":
+        return (127.5,) * 3, (127.5,) * 3  # 0 -> -1, 255 -> 1, whatever the data
+    raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {config.normalization!r}.")
 
 
 def decay_mask(params) -> Any:
