@@ -55,8 +55,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     """Join a multi-process run (before any other JAX call). A peer that never comes fails within timeout_s."""
     if coordinator is None:
         return
-    if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives between processes
+    # Collectives between CPU processes go over gloo (TCP). It only affects the CPU backend, and asking
+    # which backend we are on would start it, which must not happen before initialize().
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s)
 
@@ -134,7 +135,12 @@ def distribute(body: Callable, par: Parallel, out_specs: Any, *, donate_first: b
 
     def mesh_fn(*args):
         in_specs = tuple(jax.tree.map(lambda _: P(), a) for a in args)
-        return jax.shard_map(body, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+        # check_vma=False: the body averages gradients itself with lax.pmean, exactly as under pmap.
+        # (With check_vma=True, shard_map tracks which values differ across devices, and the gradient
+        # of replicated parameters comes back already *summed* over devices; pmean-ing that again would
+        # train with a device-count-times larger step.)
+        return jax.shard_map(body, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
 
     return jax.jit(mesh_fn, donate_argnums=donate)
 

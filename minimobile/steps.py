@@ -52,9 +52,12 @@ def build_model(config: Config, num_classes: int, bn_axis_name: str | None = Non
 
         return SeedCNN(num_classes=num_classes, batch_norm=config.batch_norm, bn_axis_name=bn_axis_name,
                        depthwise_impl=resolve_depthwise_impl(config.depthwise_impl), dtype=compute_dtype(config))
+    dtype = compute_dtype(config)
     return MobileNetV1(num_classes=num_classes, width=config.width, stem=config.stem, block=config.block,
                        depth_multiplier=config.depth_multiplier, dropout_rate=config.dropout_rate,
-                       dtype=compute_dtype(config), bn_axis_name=bn_axis_name,
+                       dtype=dtype, bn_axis_name=bn_axis_name,
+                       # float64 (with jax_enable_x64) is for numerical checks: parameters follow it.
+                       param_dtype=jnp.float64 if dtype == jnp.float64 else jnp.float32,
                        depthwise_impl=resolve_depthwise_impl(config.depthwise_impl))
 
 

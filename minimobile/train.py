@@ -137,6 +137,75 @@ def say(*args) -> None:
         print(*args, flush=True)
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once from a config, a dataset and a device layout.
+
+    `step(state, order)` is one compiled training step (its batch is picked on the device from
+    `order`, this epoch's permutation); `evaluate(state)` is the whole test split in one call.
+    Tests and tutorials build a Run to drive steps by hand.
+    """
+
+    config: Config
+    par: parallel.Parallel
+    sched: Schedule
+    dataset: data_lib.Dataset
+    model: Any
+    state: steps.TrainState          # freshly initialised, replicated for `par`
+    step_fn: Any
+    eval_fn: Any
+    epoch_order_fn: Any
+    device_data: tuple               # train images, train labels, test images, test labels, eval rows, eval mask
+    base_rng: jax.Array
+
+    def epoch_order(self, epoch: int) -> jax.Array:
+        return self.epoch_order_fn(np.int32(epoch))
+
+    def step(self, state, order):
+        train_images, train_labels = self.device_data[:2]
+        return self.step_fn(state, train_images, train_labels, order, self.base_rng)
+
+    def evaluate(self, state) -> tuple[dict[str, float], np.ndarray]:
+        """Test metrics and the top-1 prediction for every test image, in order."""
+        sums, predictions = self.eval_fn(state, *self.device_data[2:])
+        metrics = steps.summarize_eval(parallel.to_host(sums, self.par))
+        predictions = parallel.to_host(predictions, self.par, batch_axis=1).reshape(-1)[:metrics["count"]]
+        subset = self.config.eval_subset
+        if subset:  # the report's habit: accuracy on the first N test images only
+            metrics[f"accuracy_first_{subset}"] = float(np.mean(predictions[:subset] == self.dataset.test.labels[:subset]))
+        return metrics, predictions
+
+
+def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> Run:
+    """Model, optimizer, initial state, the data on the devices, and the compiled step and evaluation."""
+    sched = make_schedule(config, len(ds.train.labels))
+    # BatchNorm averages over the same axis the step averages gradients over.
+    learning_rate_fn = steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps)
+    model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
+    tx = steps.make_optimizer(config, learning_rate_fn)
+    image_shape = ds.train.images.shape[1:]
+    state = parallel.on_all_devices(
+        lambda: steps.create_train_state(jax.random.key(config.seed), model, tx, image_shape), par)()
+
+    # The data goes to the devices once; every step reads its batch there.
+    eval_rows = data_lib.eval_batches(len(ds.test.labels), config.batch_size)
+    device_data = parallel.replicate(
+        (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels, *eval_rows), par)
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    epoch_order_fn = parallel.on_all_devices(
+        lambda epoch: data_lib.epoch_permutation(jax.random.fold_in(data_key, epoch), len(ds.train.labels)), par)
+    base_rng = parallel.on_all_devices(lambda: jax.random.fold_in(jax.random.key(config.seed), 2), par)()
+
+    mean, std = steps.input_normalization(config, ds.mean, ds.std)  # the dataset's, or the report's [-1, 1]
+    norm = dict(mean=mean, std=std)
+    step_fn = parallel.distribute(functools.partial(
+        steps.train_step_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
+        learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
+    eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
+                                  out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
+    return Run(config, par, sched, ds, model, state, step_fn, eval_fn, epoch_order_fn, device_data, base_rng)
+
+
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir: str | None = None,
                        dataset: data_lib.Dataset | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `workdir` to the end of its schedule; returns the final test metrics.
@@ -149,50 +218,19 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     work = Workdir(workdir)
     work.check_same_model(config)
     ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
-    sched = make_schedule(config, len(ds.train.labels))
+    run = build_run(config, ds, par)
+    sched = run.sched
     work.save_config(config, ds)
-
-    # The model and optimizer. BatchNorm averages over the same axis the step averages gradients over.
-    learning_rate_fn = steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps)
-    model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
-    tx = steps.make_optimizer(config, learning_rate_fn)
-    image_shape = ds.train.images.shape[1:]
-    init = lambda: steps.create_train_state(jax.random.key(config.seed), model, tx, image_shape)
-    state = parallel.on_all_devices(init, par)()
 
     # Resume from the newest readable checkpoint, if any.
     checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
-    restored, start = checkpoints.restore_latest(parallel.unreplicate(state, par))
-    start = start or 0
+    restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
+    state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
-        more = " (train longer)" if start % sched.steps_per_epoch == 0 and start < sched.total_steps else ""
-        say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{more}")
-
-    # The data goes to the devices once; every step reads its batch there.
-    train_images, train_labels, test_images, test_labels = parallel.replicate(
-        (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels), par)
-    eval_indices, eval_mask = parallel.replicate(data_lib.eval_batches(len(ds.test.labels), config.batch_size), par)
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    epoch_order = parallel.on_all_devices(
-        lambda epoch: data_lib.epoch_permutation(jax.random.fold_in(data_key, epoch), len(ds.train.labels)), par)
-
-    norm = dict(mean=ds.mean, std=ds.std)
-    step_fn = parallel.distribute(functools.partial(
-        steps.train_step_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
-        learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
-    eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
-                                  out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
-    base_rng = parallel.on_all_devices(lambda: jax.random.fold_in(jax.random.key(config.seed), 2), par)()
-
-    def evaluate(state) -> dict[str, float]:
-        sums, predictions = eval_fn(state, test_images, test_labels, eval_indices, eval_mask)
-        metrics = steps.summarize_eval(parallel.to_host(sums, par))
-        if config.eval_subset:  # the report's habit: accuracy on the first N test images only
-            correct = parallel.to_host(predictions, par, batch_axis=1).reshape(-1)[:config.eval_subset]
-            metrics[f"accuracy_first_{config.eval_subset}"] = float(
-                np.mean(correct == ds.test.labels[:config.eval_subset]))
-        return metrics
+        longer = " (train longer)" if start % sched.steps_per_epoch == 0 and start < sched.total_steps else ""
+        say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{longer}")
+    start = start or 0
 
     dropped = len(ds.train.labels) % config.batch_size
     say(f"{ds.name}: {len(ds.train.labels):,} train / {len(ds.test.labels):,} test images, {ds.num_classes} classes; "
@@ -203,46 +241,45 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
     stop = StopRequest()
     final: dict[str, Any] = {}
-    last_checkpoint = start if start else None
     try:
         with stop.installed():
-            state, final, last_checkpoint = _loop(
-                config, sched, par, state, start, step_fn, evaluate, epoch_order, train_images, train_labels,
-                base_rng, checkpoints, writer, stop, progress, last_checkpoint)
+            state, final, last_checkpoint = _loop(run, state, start, checkpoints, writer, stop, progress)
         if stop:
             name = signal.Signals(stop.signal).name
             say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
                 "rerun the same command to resume from there.")
             raise SystemExit(128 + stop.signal)
         if start >= sched.total_steps:
-            say(f"already trained for {sched.total_steps:,} steps; pass a larger --epochs to train longer.")
-            final = evaluate(state)
+            flag = "--steps" if config.steps else "--epochs"
+            say(f"already trained for {sched.total_steps:,} steps; pass a larger {flag} to train longer.")
+            final = run.evaluate(state)[0]
     finally:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
     records = report.read_metrics(writer.path) if writer.path.exists() else []
     if jax.process_index() == 0 and records:
-        report.plot_curves(records, work.path / "curves.png", title=f"MobileNet-V1 x{config.width} on {ds.name}")
+        report.plot_curves(records, work.path / "curves.png", title=f"{work.path.name}: {config.model} on {ds.name}")
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
         f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {work.path / 'curves.png'}")
     return final
 
 
-def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, images, labels, base_rng,
-          checkpoints, writer, stop, progress, last_checkpoint):
+def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.MetricsWriter,
+          stop: StopRequest, progress: bool | None):
     """The steps themselves. Returns (state, last eval metrics, last checkpointed step)."""
     from tqdm.auto import tqdm
 
+    config, sched, par = run.config, run.sched, run.par
     final: dict[str, Any] = {}
     pending: list[dict] = []          # device metrics not yet read back
     tick, tick_step = time.perf_counter(), start
-    order, bar = None, None
-    last_good = start
+    order, bar, train_summary = None, None, {}
+    last_good, last_checkpoint = start, start or None
     for step in range(start, sched.total_steps):
         epoch, step_in_epoch = divmod(step, sched.steps_per_epoch)
         if order is None or step_in_epoch == 0:
-            order = epoch_order(np.int32(epoch))
+            order = run.epoch_order(epoch)
             if bar is not None:
                 bar.close()
             total = min(sched.steps_per_epoch, sched.total_steps - epoch * sched.steps_per_epoch)
@@ -251,7 +288,7 @@ def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, imag
             bar = tqdm(total=total, initial=step_in_epoch, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                        disable=hide)
 
-        state, metrics = step_fn(state, images, labels, order, base_rng)
+        state, metrics = run.step(state, order)
         pending.append(metrics)
         done = step + 1
 
@@ -261,8 +298,8 @@ def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, imag
             mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
             if not math.isfinite(mean["loss"]):
                 bar.close()
-                kept = f"the last good checkpoint (step {last_checkpoint:,}) is kept" if last_checkpoint else \
-                    "no checkpoint had been written yet"
+                kept = (f"the last good checkpoint (step {last_checkpoint:,}) is kept" if last_checkpoint
+                        else "no checkpoint had been written yet")
                 raise TrainingDiverged(f"the training loss became {mean['loss']} between steps {last_good:,} and "
                                        f"{done:,}; {kept}, so lower --learning-rate and rerun.")
             last_good = done
@@ -275,8 +312,7 @@ def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, imag
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{100 * mean['accuracy']:.1f}%",
                             img_s=f"{images_per_sec:,.0f}", refresh=False)
             bar.update(len(pending))
-            pending = []
-            train_summary = mean
+            pending, train_summary = [], mean
 
         if stop:
             checkpoints.save(done, parallel.unreplicate(state, par))
@@ -284,7 +320,7 @@ def _loop(config, sched, par, state, start, step_fn, evaluate, epoch_order, imag
             return state, final, done
 
         if sched.is_eval(done):
-            final = evaluate(state)
+            final = run.evaluate(state)[0]
             writer.write({"step": done, "epoch": round(sched.epoch(done), 4),
                           **{f"eval_{k}": v for k, v in final.items() if k != "count"}})
             extra = "".join(f", {k.replace('_', ' ')} {100 * v:.2f} %" for k, v in final.items()

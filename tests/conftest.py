@@ -5,10 +5,16 @@ Every test run sees 8 CPU devices, so the multi-device code paths are exercised 
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TFDS imports TensorFlow; keep its start-up chatter out
 os.environ.setdefault("TFDS_DISABLE_TQDM", "1")
+# Many tests (and the subprocesses they start) compile the same tiny programs: a persistent
+# compilation cache, fresh for each test session, compiles each of them once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="minimobile-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -20,3 +26,11 @@ def cifar_sample():
     from minimobile.assets import load_cifar100_sample
 
     return load_cifar100_sample()
+
+
+@pytest.fixture(scope="session")
+def cifar100_data_dir(tmp_path_factory):
+    """A TFDS data dir prepared offline by the real cifar100 builder: 64 train and 20 test images."""
+    import cifar_files
+
+    return cifar_files.make_prepared_cifar_dir(tmp_path_factory.mktemp("tfds"), "cifar100", n_train=64, n_test=20)

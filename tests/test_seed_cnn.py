@@ -224,8 +224,6 @@ def test_seed_tf_recipe_trains_evaluates_at_its_steps_and_resumes_from_the_comma
     assert (saved["model"], saved["steps"], saved["batch_size"]) == ("seed_cnn", 60, 20)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py still passes the dataset's mean/std; it must take them from "
-                   "steps.input_normalization(config, ds.mean, ds.std). Remove this mark once it does.")
 def test_the_trainer_feeds_the_network_the_recipes_scaling(tmp_path, cifar10_dir, monkeypatch):
     seen = []
     normalize = augment.normalize

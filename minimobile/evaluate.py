@@ -1,0 +1,104 @@
+"""`python -m minimobile.evaluate --workdir W`: test-split accuracy of a trained run, per class too.
+
+    python -m minimobile.evaluate --workdir runs/default              # the latest checkpoint
+    python -m minimobile.evaluate --workdir runs/default --checkpoint best --json
+
+Prints loss, top-1 and top-5 accuracy over the whole test split (never augmented); writes
+`W/eval/per_class_accuracy.json` and `W/eval/confusion_matrix.png`. With `--json`, the last line is
+one JSON object with at least `accuracy`, `accuracy_top5`, `loss`, `step`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+from minimobile import parallel, report
+from minimobile.checkpoint import Checkpoints
+from minimobile.config import Config
+from minimobile.errors import UserError, exit_on_user_error
+
+
+def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
+    """The config and dataset facts a training run saved in its workdir."""
+    workdir = pathlib.Path(workdir)
+    try:
+        config = Config.from_json((workdir / "config.json").read_text())
+        info = json.loads((workdir / "dataset.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{workdir} holds no training run (no config.json); train one first with "
+                        f"`python -m minimobile.train --workdir {workdir}`.") from None
+    return config, info
+
+
+def restore(checkpoints: Checkpoints, state, which: str):
+    """The state at checkpoint `which`: 'latest', 'best' or a step number; and that step."""
+    available = checkpoints.steps()
+    if not available:
+        raise UserError(f"no checkpoint in {checkpoints.directory}; train first, or check --workdir.")
+    if which == "latest":
+        restored, step = checkpoints.restore_latest(state)
+        if step is None:
+            raise UserError(f"no readable checkpoint in {checkpoints.directory}; retrain or restore a backup.")
+        return restored, step
+    step = checkpoints.best_step() if which == "best" else int(which)
+    if step is None or step not in available:
+        raise UserError(f"no checkpoint {which!r} in {checkpoints.directory}; available steps: "
+                        f"{', '.join(map(str, available))} (or 'latest', 'best').")
+    return checkpoints.restore(step, state), step
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, which: str = "latest",
+                     dataset=None) -> dict:
+    """Evaluate a run's checkpoint on its test split; writes per-class accuracy and the confusion matrix."""
+    from minimobile import data as data_lib
+    from minimobile.train import build_run
+
+    workdir = pathlib.Path(workdir)
+    config, _ = load_run_config(workdir)
+    ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
+    par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size
+    run = build_run(config, ds, par)
+    checkpoints = Checkpoints(workdir)
+    try:
+        state, step = restore(checkpoints, run.state, which)
+    finally:
+        checkpoints.close()
+    metrics, predictions = run.evaluate(state)
+
+    labels = ds.test.labels
+    matrix = report.confusion_matrix(labels, predictions, ds.num_classes)
+    per_class = {name: float(matrix[k, k] / max(matrix[k].sum(), 1)) for k, name in enumerate(ds.class_names)}
+    out = workdir / "eval"
+    out.mkdir(exist_ok=True)
+    (out / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2) + "\n")
+    report.plot_confusion(matrix, list(ds.class_names), out / "confusion_matrix.png")
+    worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
+    return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst,
+            "per_class_accuracy": str(out / "per_class_accuracy.json"),
+            "confusion_matrix": str(out / "confusion_matrix.png")}
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="the training run's directory")
+    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
+    p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = p.parse_args(argv)
+    result = evaluate_workdir(args.workdir, args.data_dir, args.checkpoint)
+    print(f"step {result['step']:,} ({args.checkpoint}): test loss {result['loss']:.4f}, "
+          f"top-1 {100 * result['accuracy']:.2f} %, top-5 {100 * result['accuracy_top5']:.2f} % "
+          f"on {result['count']:,} images")
+    print("hardest classes: " + ", ".join(f"{name} {100 * acc:.0f} %" for name, acc in result["worst_classes"]))
+    print(f"per-class accuracy: {result['per_class_accuracy']}; confusion matrix: {result['confusion_matrix']}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "worst_classes"}))
+
+
+if __name__ == "__main__":
+    main()

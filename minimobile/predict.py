@@ -1,0 +1,77 @@
+"""`python -m minimobile.predict --workdir W IMAGE...`: the five most likely classes of each image.
+
+    python -m minimobile.predict --workdir runs/default photo.jpg cat.png
+
+Each image is resized to the training resolution (32x32 for CIFAR), normalised with the training
+set's mean and std saved in the workdir, and classified by the latest (or `--checkpoint best`) model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax
+import numpy as np
+
+from minimobile import augment as augment_lib
+from minimobile import steps
+from minimobile.checkpoint import Checkpoints
+from minimobile.errors import UserError, exit_on_user_error
+from minimobile.evaluate import load_run_config, restore
+
+
+def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB at `size` (bilinear, like the usual downsampling to CIFAR)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB").resize(size[::-1], Image.BILINEAR), np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"no image at {path}; check the path.") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image PIL can read (try PNG or JPEG).") from None
+
+
+def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "latest") -> tuple[np.ndarray, list[str]]:
+    """Class probabilities [N, K] for images [N, H, W, 3] uint8, and the class names."""
+    config, info = load_run_config(workdir)
+    model = steps.build_model(config, info["num_classes"])
+    tx = steps.make_optimizer(config, lambda step: config.learning_rate)
+    state = jax.jit(lambda: steps.create_train_state(jax.random.key(0), model, tx, tuple(info["image_shape"])))()
+    checkpoints = Checkpoints(workdir)
+    try:
+        state, _ = restore(checkpoints, state, which)
+    finally:
+        checkpoints.close()
+
+    mean, std = steps.input_normalization(config, info["mean"], info["std"])  # exactly as in training
+
+    @jax.jit
+    def probabilities(state, images):
+        x = augment_lib.normalize(images.astype(np.float32), mean, std)
+        logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+        return jax.nn.softmax(logits)
+
+    return np.asarray(probabilities(state, images)), list(info["class_names"])
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minimobile.predict", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="the training run's directory")
+    p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
+    p.add_argument("images", nargs="+", help="image files (any size; resized to the training resolution)")
+    args = p.parse_args(argv)
+    _, info = load_run_config(args.workdir)
+    size = tuple(info["image_shape"][:2])
+    batch = np.stack([read_image(path, size) for path in args.images])
+    probs, names = predict(args.workdir, batch, args.checkpoint)
+    for path, p_image in zip(args.images, probs):
+        top5 = np.argsort(-p_image)[:5]
+        print(f"{path}: " + ", ".join(f"{names[k]} {100 * p_image[k]:.1f} %" for k in top5))
+
+
+if __name__ == "__main__":
+    main()
