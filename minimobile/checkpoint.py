@@ -74,16 +74,21 @@ class Checkpoints:
             try:
                 tree = self.manager.restore(step, args=target)
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
-                print(f"warning: checkpoint {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}); falling back to the previous one.", file=sys.stderr)
+                # Moved aside, not deleted (someone may want to look at it), and out of the way of the
+                # new checkpoint this run will write at the same step.
+                aside = self.directory.parent / "checkpoints-unreadable" / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: moved to {aside}); "
+                      "falling back to the previous one.", file=sys.stderr)
                 continue
             return state.replace(**tree), step
         return state, None
 
     def best_step(self) -> int | None:
         """The step with the highest eval accuracy, if any checkpoint has one."""
-        best = self.manager.best_step()
-        return best
+        return self.manager.best_step()
 
     def restore(self, step: int, state):
         tree = self.manager.restore(step, args=ocp.args.StandardRestore(state_to_tree(state)))
