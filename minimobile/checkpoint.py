@@ -33,7 +33,8 @@ class Checkpoints:
             policies.LatestN(keep),
             policies.BestN(get_metric_fn=lambda m: m["eval_accuracy"], n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+        # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -1,0 +1,141 @@
+"""Damage done on purpose: killed, interrupted or fed bad input, a run loses nothing and says what happened."""
+
+import errno
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from minimobile import train
+from minimobile.checkpoint import Checkpoints
+from minimobile.errors import UserError
+from test_train import TINY, sample_dataset
+
+# A run of 48 steps (12 epochs of 4) on the prepared fake CIFAR-100 dir, checkpointed every epoch.
+COMMAND = ["--dataset", "cifar100", "--epochs", "12", "--batch-size", "16", "--width", "0.0625", "--no-progress",
+           "--depthwise-impl", "shift_add", "--parallel", "jit", "--learning-rate", "0.02"]
+
+
+def start(workdir, data_dir, *extra):
+    return subprocess.Popen([sys.executable, "-u", "-m", "minimobile.train", "--workdir", str(workdir),
+                             "--data-dir", data_dir, *COMMAND, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, text, timeout=240):
+    """Read stdout until a line contains `text` (the run is then past compilation and stepping)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if text in line:
+            return line
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.stderr.read()}")
+    raise AssertionError(f"no line with {text!r} within {timeout} s")
+
+
+def final_params(workdir):
+    """The parameters of the last checkpoint, read back by orbax without any template."""
+    step = max(Checkpoints(workdir).steps())
+    return step, ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "default")["params"]
+
+
+def eval_records(workdir):
+    return [r for r in map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in r]
+
+
+def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_uninterrupted_run(
+        tmp_path, cifar100_data_dir):
+    reference = start(tmp_path / "reference", cifar100_data_dir)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    rng = random.Random(0)
+    workdir = tmp_path / "killed"
+    for attempt in range(2):
+        proc = start(workdir, cifar100_data_dir)
+        wait_for_line(proc, "epoch ")            # stepping now, checkpoints being written each epoch
+        time.sleep(rng.uniform(0.0, 0.6))        # somewhere in a step, or in a checkpoint write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert all(p.name.isdigit() for p in (workdir / "checkpoints").iterdir() if "tmp" not in p.name)
+    proc = start(workdir, cifar100_data_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resumed from epoch" in out
+
+    assert eval_records(workdir) == eval_records(tmp_path / "reference")  # every evaluation, bit for bit
+    step_a, params_a = final_params(tmp_path / "reference")
+    step_b, params_b = final_params(workdir)
+    assert step_a == step_b == 48
+    jax.tree.map(np.testing.assert_array_equal, params_b, params_a)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tmp_path, cifar100_data_dir):
+    proc = start(tmp_path, cifar100_data_dir)
+    wait_for_line(proc, "epoch ")
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 20
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM received: saved a checkpoint at step" in out and "Traceback" not in err
+    saved = int(out.split("saved a checkpoint at step ")[1].split(";")[0].replace(",", ""))
+    assert saved in Checkpoints(tmp_path).steps()
+
+
+def test_the_same_seed_gives_the_same_result_twice(tmp_path):
+    ds = sample_dataset()
+    config = TINY.replace(epochs=1, dropout_rate=0.2, augment="seed")
+    assert train.train_and_evaluate(config, tmp_path / "a", dataset=ds) == \
+        train.train_and_evaluate(config, tmp_path / "b", dataset=ds)
+
+
+def run_main(argv, capsys):
+    """train.main in-process; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar100", "--data-dir", "/nonexistent/tfds", "--epochs", "1"], "error: "),
+    (["--epochs", "0"], "error: --epochs must be positive"),
+    (["--epochs", "-3"], "error: --epochs must be positive"),
+    (["--width", "0"], "error: --width must be positive"),
+    (["--batch-size", "12", "--parallel", "mesh"], "error: --batch-size 12 does not split evenly across 8 devices"),
+])
+def test_bad_input_ends_in_one_sentence_and_a_nonzero_exit(tmp_path, capsys, argv, message):
+    code, err = run_main(["--workdir", str(tmp_path / "w"), *argv], capsys)
+    assert code != 0 and err.startswith(message)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unwritable_workdir_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = run_main(["--workdir", str(blocker / "run")], capsys)
+    assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
+
+
+def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ds = sample_dataset()
+    train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)   # step 4 is safely on disk
+
+    def no_space(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+    with pytest.raises(UserError, match=r"No space left on device\); the last good checkpoint \(step 4\) is intact"):
+        train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path).steps() == [4]
