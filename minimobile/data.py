@@ -93,7 +93,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, label_key: str = "la
         if _is_prepared(builder):
             raise _corrupt(name, builder.data_dir, e) from e
         raise UserError(f"{name} is not prepared in {builder.data_dir_root}; run once with downloads "
-                        "allowed, or pass a data dir that holds a prepared copy.") from e
+                        "allowed, or pass --data-dir pointing to a prepared copy.") from e
     if len(train.labels) == 0:
         raise UserError(f"The train split of {name} in {builder.data_dir} is empty; prepare it again.")
 
@@ -151,7 +151,7 @@ def _download_and_prepare(builder) -> None:
     # TFDS retries a failing connection 10 times with backoff (about 3.5 minutes); ask first, briefly.
     if any(not _reachable(url) for url in missing):
         raise UserError(f"{builder.name} is not prepared in {root} and cannot be downloaded from here: "
-                        f"pass a data dir that holds a prepared copy, or {how_to}, and run again.")
+                        f"pass --data-dir pointing to a prepared copy, or {how_to}, and run again.")
 
     before = _listing(root)
     try:
