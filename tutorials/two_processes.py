@@ -19,14 +19,13 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
+from minimobile import parallel  # noqa: E402
+
 port, process_id = int(sys.argv[1]), int(sys.argv[2])
-# On CPU, collectives between processes go through the gloo library; this must be chosen before
-# initialize, and initialize before anything asks JAX about its devices.
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-# Process 0 runs the coordinator at this address; both connect to it. A peer that never shows up
-# makes this fail after 60 s instead of hanging forever.
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                           initialization_timeout=60, heartbeat_timeout_seconds=60)
+# Process 0 runs the coordinator at this address; both connect to it. This must come before anything
+# asks JAX about its devices. On CPU, collectives between processes go through the gloo library,
+# which `initialize_distributed` selects; a peer that never shows up fails it after 60 s, not never.
+parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id, timeout_s=60)
 print(f"process {process_id}: {jax.local_device_count()} local devices, {jax.device_count()} in all: "
       f"{[d.id for d in jax.devices()]}", flush=True)
 
