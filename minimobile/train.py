@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from minimobile import augment as augment_lib
 from minimobile import data as data_lib
-from minimobile import parallel, report, steps
+from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
 from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error
@@ -379,6 +379,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (then --num-processes, --process-id)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--peer-timeout", type=int, default=60,
+                   help="multi-host: seconds without a heartbeat before a peer counts as dead")
     args = p.parse_args(argv)
     config = recipe(args.recipe)
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in FLAGS.items()}
@@ -389,7 +391,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 @exit_on_user_error
 def main(argv=None) -> None:
     config, args = parse_args(argv)
-    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.coordinator and not watchdog.is_child():  # see watchdog.py: a dead peer becomes one sentence
+        sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
+                                      args.process_id, args.peer_timeout))
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.peer_timeout)
     train_and_evaluate(config, args.workdir, data_dir=args.data_dir, progress=False if args.no_progress else None)
 
 

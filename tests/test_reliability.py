@@ -1,5 +1,6 @@
 """Damage done on purpose: killed, interrupted or fed bad input, a run loses nothing and says what happened."""
 
+import contextlib
 import errno
 import json
 import os
@@ -139,3 +140,29 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monke
         train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
     monkeypatch.undo()
     assert Checkpoints(tmp_path).steps() == [4]
+
+
+@pytest.mark.multiprocess
+def test_when_one_of_two_processes_dies_the_other_says_so_and_exits(tmp_path, cifar100_data_dir):
+    from test_train import free_port
+
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, "-u", "-m", "minimobile.train", "--workdir", str(tmp_path),
+                               "--data-dir", cifar100_data_dir, *COMMAND[:-4], "--epochs", "500", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               "--peer-timeout", "10"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for i in range(2)]
+    try:
+        wait_for_line(procs[0], "epoch ")
+        os.killpg(procs[1].pid, signal.SIGKILL)  # the whole of process 1 (its watchdog and the training)
+        killed = time.time()
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert time.time() - killed < 60
+    assert procs[0].returncode != 0
+    assert err.strip().startswith("error: another process of this run stopped answering for 10 s")
+    assert len(err.strip().splitlines()) == 1

@@ -1,0 +1,54 @@
+"""A multi-process run whose peer dies: turn JAX's crash into one sentence.
+
+When one process of a `jax.distributed` run dies (preempted, killed, out of memory), the others
+learn it from the coordination service once the dead one's heartbeat times out, and JAX then
+aborts them from C++ with a page of log and a stack trace: bounded in time, but unreadable.
+So the command line runs each process's training as a child of a small watchdog (this module):
+the child's stderr goes to `workdir/logs/process-<i>.log`, and if the child dies that way, the
+watchdog prints what happened and what to do, and exits non-zero. Signals (SIGTERM, Ctrl-C) are
+passed on to the child, which saves a checkpoint as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+CHILD_FLAG = "MINIMOBILE_WATCHED_CHILD"
+PEER_DIED = ("another task died", "heartbeat timeout", "tasks are unhealthy", "Barrier failed")
+
+
+def is_child() -> bool:
+    return os.environ.get(CHILD_FLAG) == "1"
+
+
+def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: int) -> int:
+    """Run `python -m minimobile.train *argv` as a watched child; returns the exit code to use."""
+    log = pathlib.Path(workdir).expanduser() / "logs" / f"process-{process_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "minimobile.train", *argv],
+                                 env=dict(os.environ, **{CHILD_FLAG: "1"}), stderr=stderr)
+        forward = lambda signum, frame: child.send_signal(signum)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    text = log.read_text(errors="replace")
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    if code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT):  # done, or stopped and saved (it said so)
+        return code
+    if errors:  # the child's own one-sentence error
+        print(errors[-1], file=sys.stderr)
+    elif any(marker in text for marker in PEER_DIED):
+        print(f"error: another process of this run stopped answering for {peer_timeout_s} s (killed, preempted "
+              f"or crashed), so process {process_id} stopped too; rerun the same command on every host to resume "
+              f"from the last checkpoint (details in {log}).", file=sys.stderr)
+    else:
+        print(f"error: process {process_id} stopped unexpectedly (exit code {code}); see {log}.", file=sys.stderr)
+    return code if code > 0 else 1
