@@ -319,8 +319,8 @@ save(fig, "01_depthwise_timings.png")
 # ![Bar chart of depthwise convolution times: NumPy loops, NumPy vectorised, and three JAX implementations](figures/01_depthwise_timings.png)
 #
 # The figure above was made on 2 shared CPU cores; your numbers will differ, the gaps are what
-# matters. The loops are slowest by two orders of magnitude: Python runs one small NumPy call per
-# output channel and pixel. Vectorised NumPy is far better, but it still creates nine full-size
+# matters. The loops are slower than everything else by a factor of 50 or more: Python runs one
+# small NumPy call per output channel and pixel. Vectorised NumPy is far better, but it still creates nine full-size
 # temporaries (one per tap) and walks memory for each. XLA compiles `shift_add` into a single fused
 # loop that reads the input and writes the output once, several times faster again.
 #
