@@ -185,7 +185,7 @@ compare([(f"1.0 MobileNet-{r}", costs.mobilenet_v1_layers(resolution=r)) for r i
 
 # %% [markdown]
 # All eight rows agree with the paper to its printed precision, with one small exception: at 160
-# pixels we count 290.7 M mult-adds where the paper prints 290 (it truncated rather than rounded).
+# pixels we count 290.7 M mult-adds, which rounds to 291, where the paper prints 290.
 #
 # ## Separable against standard convolutions (Table 4)
 #
