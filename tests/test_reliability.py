@@ -81,15 +81,16 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_un
     jax.tree.map(np.testing.assert_array_equal, params_b, params_a)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_within_seconds(tmp_path, cifar100_data_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # a scheduler's preemption; Ctrl-C
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_within_seconds(tmp_path, cifar100_data_dir, signum):
     proc = start(tmp_path, cifar100_data_dir)
     wait_for_line(proc, "epoch ")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     sent = time.time()
     out, err = proc.communicate(timeout=60)
     assert time.time() - sent < 20
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "SIGTERM received: saved a checkpoint at step" in out and "Traceback" not in err
+    assert proc.returncode == 128 + signum
+    assert f"{signal.Signals(signum).name} received: saved a checkpoint at step" in out and "Traceback" not in err
     saved = int(out.split("saved a checkpoint at step ")[1].split(";")[0].replace(",", ""))
     assert saved in Checkpoints(tmp_path).steps()
 
