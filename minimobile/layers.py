@@ -198,6 +198,34 @@ def depthwise_conv(channels_in: int, *, depth_multiplier: int = 1, strides: int 
                          dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution written as what it is, a matrix multiply over channels.
+
+    x: [B, H, W, C_in] -> [B, H, W, C_out] = x @ kernel[0, 0]. The parameter is exactly
+    `nn.Conv(C_out, (1, 1), use_bias=False)`'s, a `kernel` [1, 1, C_in, C_out] with the same
+    initialiser, so checkpoints are interchangeable. Why not just use `nn.Conv`? On CPU, XLA sends a
+    1x1 convolution's *backward* pass (the kernel gradient is a convolution with the batch as its
+    contraction) through a generic convolution path, several times slower than the two matrix
+    multiplies a `dot` differentiates into; the forward pass is about the same either way.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (1, 1, x.shape[-1], self.features), self.param_dtype)  # [1, 1, C_in, C_out]
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        # Every pixel of every image is one row of a [B*H*W, C_in] matrix. Flattening here (free: a
+        # reshape of contiguous NHWC memory) also keeps the backward pass two plain 2-D matmuls; left
+        # 4-D, XLA rewrites the kernel gradient with a slow transposed copy of the gradient.
+        *lead, c_in = x.shape
+        y = jnp.dot(x.reshape(-1, c_in), kernel[0, 0])  # [B*H*W, C_in] @ [C_in, C_out]
+        return y.reshape(*lead, self.features)          # [B, H, W, C_out]
+
+
 class ConvBN(nn.Module):
     """Convolution -> BatchNorm -> ReLU6: the unit every MobileNet layer is made of.
 
@@ -223,7 +251,7 @@ class ConvBN(nn.Module):
             x = depthwise_conv(x.shape[-1], depth_multiplier=self.depth_multiplier, strides=self.strides,
                                impl=self.depthwise_impl, name="depthwise", **kw)(x)  # [B, H', W', C*m]
         elif self.conv == "pointwise":
-            x = nn.Conv(self.features, (1, 1), use_bias=False, name="pointwise", **kw)(x)  # [B, H, W, C_out]
+            x = PointwiseConv(self.features, name="pointwise", **kw)(x)  # [B, H, W, C_out]
         else:
             x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
                         name="conv", **kw)(x)  # [B, H', W', C_out]

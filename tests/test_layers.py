@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from minimobile.layers import (DEPTHWISE_IMPLS, DepthwiseConv, SeparableBlock, depthwise_conv_loops,
+from minimobile.layers import (DEPTHWISE_IMPLS, DepthwiseConv, PointwiseConv, SeparableBlock, depthwise_conv_loops,
                                resolve_depthwise_impl, same_padding)
 
 CASES = [  # (height, width, channels, depth_multiplier, stride)
@@ -110,6 +110,17 @@ def test_pointwise_convolution_is_a_matrix_multiply_over_channels():
     params = conv.init(jax.random.key(1), x)
     w = params["params"]["kernel"][0, 0]  # [C_in, C_out]
     np.testing.assert_allclose(conv.apply(params, x), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_module_is_a_drop_in_for_a_1x1_nn_conv():
+    # PointwiseConv computes the 1x1 convolution as a matmul (faster to differentiate on CPU), with
+    # nn.Conv's parameter name, shape and initialiser: same init from the same key, same outputs.
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 6))
+    reference = nn.Conv(4, (1, 1), use_bias=False)
+    params = reference.init(jax.random.key(1), x)
+    own = PointwiseConv(4).init(jax.random.key(1), x)
+    np.testing.assert_array_equal(own["params"]["kernel"], params["params"]["kernel"])  # [1, 1, 6, 4]
+    np.testing.assert_allclose(PointwiseConv(4).apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_a_known_implementation_and_unknown_names_fail_clearly():
