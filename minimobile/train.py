@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import dataclasses
 import functools
 import json
@@ -55,7 +56,7 @@ class Workdir:
         self.path = pathlib.Path(path).expanduser()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".writable"
+            probe = self.path / f".writable-{os.getpid()}"  # per process: hosts may share the workdir
             probe.write_text("")
             probe.unlink()
         except OSError as e:
@@ -75,6 +76,8 @@ class Workdir:
                             "use a new --workdir, or the settings it was made with.")
 
     def save_config(self, config: Config, dataset: data_lib.Dataset) -> None:
+        if jax.process_index() != 0:  # one writer, even when every host sees the same directory
+            return
         (self.path / "config.json").write_text(config.to_json() + "\n")
         info = {"name": dataset.name, "num_classes": dataset.num_classes, "class_names": dataset.class_names,
                 "mean": dataset.mean, "std": dataset.std, "image_shape": dataset.train.images.shape[1:],

@@ -65,6 +65,7 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_un
     for attempt in range(2):
         proc = start(workdir, cifar100_data_dir)
         wait_for_line(proc, "epoch ")            # stepping now, checkpoints being written each epoch
+        wait_for_line(proc, "epoch ")            # (by now at least one is on disk, so there is a resume)
         time.sleep(rng.uniform(0.0, 0.6))        # somewhere in a step, or in a checkpoint write
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -58,7 +58,7 @@ def step_from(run, host_state):
     return float(parallel.unreplicate(metrics, run.par)["loss"]), jax.device_get(parallel.unreplicate(state, run.par))
 
 
-def assert_trees_close(a, b, tol=1e-4):
+def assert_trees_close(a, b, tol=2e-3):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
 
 
@@ -68,7 +68,10 @@ def test_jit_pmap_and_mesh_steps_compute_the_same_update():
     # statistics across devices, so only float summation order differs.
     # Each step starts from the 1-device run's state: after a step or two this tiny network amplifies
     # a rounding difference 100-1000x per step (measured: a 1e-13 nudge of the parameters grows to
-    # 2e-8 in three float64 steps), so independent chains drift apart although every step agrees.
+    # 2e-8 in three float64 steps), so independent chains drift apart although every step agrees,
+    # and even one step's float32 rounding can reach 1e-4 in a parameter: hence the tolerance 2e-3.
+    # (The bug this test was written for, gradients summed instead of averaged over 8 devices, moved
+    # parameters by 100 %.)
     states, losses = reference_chain()
     for mode in ("pmap", "mesh"):
         run = train.build_run(GENTLE.replace(parallel=mode), sample_dataset(), parallel.setup(mode))
@@ -103,7 +106,7 @@ def test_two_processes_with_two_devices_each_compute_the_same_update(tmp_path):
     for k in range(len(losses)):
         expected = jax.tree.leaves(states[k + 1].params)
         for i, leaf in enumerate(expected):
-            np.testing.assert_allclose(got[f"params_{k}_{i}"], leaf, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(got[f"params_{k}_{i}"], leaf, rtol=2e-3, atol=2e-3)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
