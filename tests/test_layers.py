@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from minimobile.layers import (DEPTHWISE_IMPLS, DepthwiseConv, PointwiseConv, SeparableBlock, depthwise_conv_loops,
-                               resolve_depthwise_impl, same_padding)
+from minimobile.layers import (DEPTHWISE_IMPLS, BatchNorm, DepthwiseConv, PointwiseConv, SeparableBlock,
+                               depthwise_conv_loops, resolve_depthwise_impl, same_padding)
 
 CASES = [  # (height, width, channels, depth_multiplier, stride)
     (6, 6, 3, 1, 1),
@@ -121,6 +121,28 @@ def test_pointwise_module_is_a_drop_in_for_a_1x1_nn_conv():
     own = PointwiseConv(4).init(jax.random.key(1), x)
     np.testing.assert_array_equal(own["params"]["kernel"], params["params"]["kernel"])  # [1, 1, 6, 4]
     np.testing.assert_allclose(PointwiseConv(4).apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_is_a_drop_in_for_flax_batch_norm(train):
+    # Same variables, outputs, updated statistics and gradients as nn.BatchNorm, so checkpoints move
+    # freely between the two; only the algebra of the output differs (x * a + b, cheaper to differentiate).
+    x = 3 * jax.random.normal(jax.random.key(0), (8, 4, 4, 6)) + 1
+    ours, flax_bn = BatchNorm(not train), nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    variables = flax_bn.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+    variables = {"params": {"scale": jnp.linspace(0.5, 2, 6), "bias": jnp.linspace(-1, 1, 6)},
+                 "batch_stats": {"mean": jnp.linspace(0, 1, 6), "var": jnp.linspace(1, 2, 6)}}
+
+    def run(module, params):
+        y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, stats)
+
+    (_, (y, stats)), grads = jax.value_and_grad(lambda p: run(ours, p), has_aux=True)(variables["params"])
+    (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(lambda p: run(flax_bn, p), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves((stats, grads)), jax.tree.leaves((stats_ref, grads_ref))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_a_known_implementation_and_unknown_names_fail_clearly():
