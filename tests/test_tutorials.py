@@ -23,6 +23,7 @@ TUTORIALS_DIR = REPO / "tutorials"
 TUTORIALS = (
     "01_depthwise_separable_from_scratch",
     "02_mobilenet_layer_by_layer",
+    "03_training_on_cifar100",
     "04_one_step_many_devices",
     "05_why_depthwise_is_slow",
 )
