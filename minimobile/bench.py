@@ -1,0 +1,312 @@
+"""How fast is it? The train step, the eval step and the input pipeline, in images per second.
+
+    python -m minimobile.bench                                   # width 1.0, batch 128, float32, auto
+    python -m minimobile.bench --compare torch                   # and PyTorch's, in the same run
+    python -m minimobile.bench --all-impls --width 0.25          # one row per depthwise implementation
+    python -m minimobile.bench --json | tail -n 1                # one JSON object, for scripts
+
+What is timed is exactly what the trainer runs: `steps.train_step` built from a `Config` with
+`steps.build_model`, `steps.make_optimizer` and `steps.create_train_state`, under `jax.jit` on one
+device with the state donated, on random normalised images [B, 32, 32, 3] (CIFAR stem, 100 classes).
+Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps` steps
+each, and we report the median. With `--compare torch` the same architecture in PyTorch
+(`torch_reference.py`: channels_last, SGD with Nesterov momentum, cross-entropy, as many threads as
+cores) runs interleaved with ours, repeat by repeat, so both see the same machine load, and the ratio
+of the medians is printed. These are measurements, not tests: on a shared machine they move by tens
+of percent from run to run, so compare figures from one run only.
+
+Mult-adds per second follow the paper's convention (`costs.py`: every kernel tap of every output, SAME
+padding included), and count a train step as 3x the forward pass (forward, then the gradients with
+respect to the activations and to the weights, each about one forward's worth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimobile import augment as augment_lib
+from minimobile import costs, steps
+from minimobile.config import Config
+from minimobile.errors import UserError, exit_on_user_error
+from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 100
+TRAIN_MACS_PER_FORWARD = 3  # forward + activation gradients + weight gradients
+
+# A timed function runs `n` steps and returns when the last result is ready.
+Runner = Callable[[int], None]
+
+
+def cpu_count() -> int:
+    """Cores this process may use (what both frameworks should use too)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# What we time, on the JAX side.
+# --------------------------------------------------------------------------------------------
+
+
+def bench_config(width: float, batch_size: int, dtype: str, depthwise_impl: str) -> Config:
+    """The default recipe at this size: same optimizer, decay and label smoothing as a real run."""
+    return Config(width=width, batch_size=batch_size, dtype=dtype, depthwise_impl=depthwise_impl)
+
+
+def random_batch(batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
+    """Normalised-looking images [B, 32, 32, 3] float32 and labels [B], already on the device."""
+    key = jax.random.key(seed)
+    return {"image": jax.random.normal(key, (batch_size, *IMAGE_SHAPE), jnp.float32),
+            "label": jnp.arange(batch_size, dtype=jnp.int32) % NUM_CLASSES}
+
+
+def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
+    """The trainer's step and the eval forward pass, compiled; returns (train, evaluate, compile seconds).
+
+    `train(n)` runs n train steps, each feeding the next its donated state, as the trainer does (donation
+    lets XLA update parameters and optimizer moments in place). `evaluate(n)` runs the eval-mode forward
+    pass (running BatchNorm statistics) on the current state, logits only.
+    """
+    model = steps.build_model(config, NUM_CLASSES)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch=390, total_steps=390 * config.epochs)
+    tx = steps.make_optimizer(config, schedule)
+    state = jax.jit(lambda: steps.create_train_state(jax.random.key(0), model, tx, IMAGE_SHAPE))()
+    batch, rng = random_batch(config.batch_size), jax.random.key(1)
+    step = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing,
+                                     learning_rate_fn=schedule), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    forward = jax.jit(lambda state, x: state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                                                      x, train=False))
+    box = {"state": state}
+
+    def train(n: int) -> None:
+        state = box["state"]
+        for _ in range(n):
+            state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+        box["state"] = state
+
+    def evaluate(n: int) -> None:
+        for _ in range(n):
+            logits = forward(box["state"], batch["image"])
+        jax.block_until_ready(logits)
+
+    train(1)  # the first call also allocates; keep it out of the timings
+    evaluate(1)
+    return train, evaluate, compile_s
+
+
+def input_pipeline_runner(batch_size: int, augment: str = "standard", num_images: int = 50_000) -> Runner:
+    """What `steps.train_step_on_device_data` does before the model: gather, augment, normalise.
+
+    A CIFAR-sized uint8 training set [N, 32, 32, 3] sits on the device; each call picks B random
+    examples, augments each with its own key and normalises them, in one jitted program.
+    """
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (num_images, *IMAGE_SHAPE), dtype=np.uint8))
+    mean, std = (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)  # CIFAR-100's, near enough for timing
+
+    @jax.jit
+    def pipeline(images, key):
+        index_key, augment_key = jax.random.split(key)
+        indices = jax.random.randint(index_key, (batch_size,), 0, num_images)      # [B]
+        keys = augment_lib.example_keys(augment_key, jnp.arange(batch_size))       # [B] keys
+        x = augment_lib.augment_batch(keys, images[indices], augment)              # [B, 32, 32, 3] float32
+        return augment_lib.normalize(x, mean, std)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            out = pipeline(images, jax.random.key(i))
+        jax.block_until_ready(out)
+
+    run(1)
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# The same on the PyTorch side (optional).
+# --------------------------------------------------------------------------------------------
+
+
+def torch_runners(width: float, batch_size: int, threads: int, dtype: str = "float32") -> tuple[Runner, Runner]:
+    """PyTorch's train step and eval forward for the same network, channels_last.
+
+    On the GPU when JAX is on one and torch has CUDA, else on the CPU with `threads` threads. bfloat16
+    runs under `torch.autocast`, PyTorch's usual mixed precision (float32 weights, bf16 compute).
+    """
+    try:
+        import torch
+    except ImportError as e:
+        raise UserError("--compare torch needs PyTorch: pip install 'minimobile[torch]'.") from e
+    from minimobile import torch_reference
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_reference.MobileNetV1(NUM_CLASSES, width).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, *IMAGE_SHAPE[:2], device=device).contiguous(
+        memory_format=torch.channels_last)  # NCHW shape, NHWC in memory, like our arrays
+    y = torch.arange(batch_size, device=device) % NUM_CLASSES
+    half = torch.bfloat16 if dtype == "bfloat16" else None
+    train_step = torch_reference.make_train_step(model, autocast_dtype=half)
+    finish = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # CPU torch is synchronous
+
+    def train(n: int) -> None:
+        model.train()
+        for _ in range(n):
+            train_step(x, y)
+        finish()
+
+    def evaluate(n: int) -> None:
+        model.eval()
+        with torch.inference_mode(), torch.autocast(device, dtype=half, enabled=half is not None):
+            for _ in range(n):
+                model(x)
+        finish()
+
+    train(1)
+    evaluate(1)
+    return train, evaluate
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------------
+
+
+def interleaved_medians(runners: dict[str, Runner], repeats: int, steps_per_repeat: int) -> dict[str, float]:
+    """Median seconds per step of each runner, timed in turns (a, b, a, b, ...) so they share the load."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(steps_per_repeat)
+            seconds[name].append((time.perf_counter() - start) / steps_per_repeat)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32", impls: tuple[str, ...] = ("auto",),
+              repeats: int = 5, steps_per_repeat: int = 3, compare: str | None = None,
+              pipeline: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Runs the benchmark and returns its figures (see `main` for the printed form)."""
+    macs = costs.totals(costs.mobilenet_v1_layers(width, IMAGE_SHAPE[0], NUM_CLASSES, "cifar"))["macs"]
+    threads = cpu_count()
+    result = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+              "cpu_count": threads, "width": width, "batch_size": batch_size, "dtype": dtype,
+              "macs_per_image": macs, "repeats": repeats, "steps_per_repeat": steps_per_repeat,
+              "load_average_start": round(os.getloadavg()[0], 2), "impls": {}}
+    train, evaluate = {}, {}
+    for impl in impls:
+        config = bench_config(width, batch_size, dtype, impl)
+        name = resolve_depthwise_impl(impl)
+        log(f"compiling the train step ({name}) ...")
+        train[name], evaluate[name], compile_s = jax_runners(config)
+        result["impls"][name] = {"compile_s": round(compile_s, 2)}
+    if compare == "torch":
+        log("building the PyTorch reference ...")
+        train["torch"], evaluate["torch"] = torch_runners(width, batch_size, threads, dtype)
+    if pipeline:
+        log("compiling the input pipeline ...")
+        pipeline_run = input_pipeline_runner(batch_size)
+
+    log(f"timing: {repeats} repeats x {steps_per_repeat} steps, interleaved ...")
+    train_s = interleaved_medians(train, repeats, steps_per_repeat)
+    eval_s = interleaved_medians(evaluate, repeats, steps_per_repeat)
+    for name in train_s:
+        entry = result["impls"].setdefault(name, {}) if name != "torch" else result.setdefault("torch", {})
+        entry["images_per_sec"] = round(batch_size / train_s[name], 1)
+        entry["eval_images_per_sec"] = round(batch_size / eval_s[name], 1)
+        entry["train_macs_per_sec"] = round(TRAIN_MACS_PER_FORWARD * macs * batch_size / train_s[name])
+        entry["eval_macs_per_sec"] = round(macs * batch_size / eval_s[name])
+    if pipeline:
+        pipeline_s = interleaved_medians({"pipeline": pipeline_run}, repeats, steps_per_repeat)
+        result["input_pipeline_images_per_sec"] = round(batch_size / pipeline_s["pipeline"], 1)
+
+    # The headline: the first implementation asked for (the default "auto": what training uses).
+    first = result["impls"][resolve_depthwise_impl(impls[0])]
+    result.update(depthwise_impl=resolve_depthwise_impl(impls[0]), images_per_sec=first["images_per_sec"],
+                  eval_images_per_sec=first["eval_images_per_sec"], compile_s=first["compile_s"],
+                  train_macs_per_sec=first["train_macs_per_sec"])
+    if "torch" in result:
+        result["torch_images_per_sec"] = result["torch"]["images_per_sec"]
+        result["ratio"] = round(first["images_per_sec"] / result["torch"]["images_per_sec"], 3)
+        result["eval_ratio"] = round(first["eval_images_per_sec"] / result["torch"]["eval_images_per_sec"], 3)
+        result["torch_version"] = __import__("torch").__version__
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The human-readable report: one row per implementation (and PyTorch)."""
+    lines = [f"MobileNet-V1 x{result['width']}, CIFAR stem, 100 classes, batch {result['batch_size']}, "
+             f"{result['dtype']}, {result['backend']} ({result['device']}, {result['cpu_count']} cores); "
+             f"{result['macs_per_image'] / 1e6:.1f} M mult-adds per image forward, x{TRAIN_MACS_PER_FORWARD} per train step",
+             f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps; load average "
+             f"{result['load_average_start']} -> {result['load_average_end']}",
+             f"{'':22s} {'train img/s':>12s} {'eval img/s':>11s} {'train GMAC/s':>13s} {'compile s':>10s}"]
+    rows = list(result["impls"].items()) + ([("torch " + result["torch_version"], result["torch"])]
+                                            if "torch" in result else [])
+    for name, r in rows:
+        compile_s = f"{r['compile_s']:10.1f}" if "compile_s" in r else f"{'-':>10s}"
+        lines.append(f"{name:22s} {r['images_per_sec']:12.1f} {r['eval_images_per_sec']:11.1f} "
+                     f"{r['train_macs_per_sec'] / 1e9:13.2f} {compile_s}")
+    if "ratio" in result:
+        lines.append(f"ratio {result['depthwise_impl']} / torch: train {result['ratio']:.2f}x, "
+                     f"eval {result['eval_ratio']:.2f}x")
+    if "input_pipeline_images_per_sec" in result:
+        p = result["input_pipeline_images_per_sec"]
+        lines.append(f"input pipeline (gather + standard augment + normalise): {p:,.0f} img/s, "
+                     f"{p / result['images_per_sec']:.0f}x the train step's")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minimobile.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--depthwise-impl", default="auto",
+                   help=f"auto, or one or more (comma-separated) of {', '.join(DEPTHWISE_IMPLS)}")
+    p.add_argument("--all-impls", action="store_true",
+                   help="every implementation except 'split' (it compiles one conv per channel: minutes)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--steps", type=int, default=3, help="steps per repeat")
+    p.add_argument("--compare", choices=("torch",), default=None, help="also time PyTorch, interleaved")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline figure")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    impls = tuple(i for i in DEPTHWISE_IMPLS if i != "split") if args.all_impls else \
+        tuple(args.depthwise_impl.split(","))
+    for impl in impls:
+        try:
+            resolve_depthwise_impl(impl)
+        except ValueError as e:
+            raise UserError(f"{e}.") from None
+    if args.repeats < 1 or args.steps < 1:
+        raise UserError("--repeats and --steps must be at least 1.")
+    result = benchmark(args.width, args.batch_size, args.dtype, impls, args.repeats, args.steps, args.compare,
+                       pipeline=not args.no_pipeline, log=lambda s: print(s, flush=True))
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

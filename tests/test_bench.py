@@ -1,0 +1,83 @@
+"""The benchmark runs and reports what it promises; its PyTorch twin is the same network.
+
+No timing is asserted anywhere: figures on a shared machine are measurements, not facts to test.
+What is tested is that the comparison is honest: same parameter count, and with the same weights,
+the same eval-mode logits.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from minimobile import bench
+from minimobile.model import MobileNetV1
+
+WIDTH = 0.0625  # every layer of the real network, 2 to 64 channels: compiles in seconds
+
+
+def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
+    # feature_group_count compiles fastest; `auto` is what the trainer's own tests exercise.
+    bench.main(["--width", str(WIDTH), "--batch-size", "4", "--repeats", "1", "--steps", "1",
+                "--depthwise-impl", "feature_group_count", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "train img/s" in "\n".join(out)                    # the human-readable table comes first
+    result = json.loads(out[-1])                               # and one JSON object on the last line
+    for key in ("images_per_sec", "eval_images_per_sec", "compile_s", "train_macs_per_sec",
+                "input_pipeline_images_per_sec", "macs_per_image", "depthwise_impl", "backend"):
+        assert key in result, key
+    assert result["depthwise_impl"] == "feature_group_count" and result["batch_size"] == 4
+    assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
+
+
+def test_unknown_implementation_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--depthwise-impl", "winograd"])
+    assert "depthwise_impl" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """A Flax model with random variables of every kind, and the PyTorch one with those copied in."""
+    torch = pytest.importorskip("torch")
+    from minimobile import torch_reference
+
+    flax_model = MobileNetV1(num_classes=100, width=WIDTH, stem="cifar")
+    # The variables' structure without running (or compiling) the initialisers; then random values,
+    # so every weight, BatchNorm scale, shift and running statistic matters to the check.
+    shapes = jax.eval_shape(flax_model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    rng = np.random.default_rng(0)
+
+    def random_like(path, s):
+        name = path[-1].key
+        if name == "kernel":  # lecun-normal-like, so activations stay in ReLU6's working range
+            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+        low, high = {"scale": (0.5, 1.5), "var": (0.5, 1.5)}.get(name, (-0.2, 0.2))  # bias, mean
+        return rng.uniform(low, high, s.shape).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(random_like, shapes)
+    torch_model = torch_reference.MobileNetV1(100, WIDTH, same_padding=True)
+    torch_reference.load_flax_variables(torch_model, variables)
+    return torch, flax_model, variables, torch_model
+
+
+def test_pytorch_reference_has_the_same_parameter_count(twins):
+    torch, _, variables, torch_model = twins
+    # Trainable parameters on both sides: conv kernels, BatchNorm scale and shift, the classifier.
+    flax_count = sum(np.size(p) for p in jax.tree.leaves(variables["params"]))
+    assert sum(p.numel() for p in torch_model.parameters()) == flax_count
+    # And the idiomatic padding=1 model the benchmark times has the very same parameters.
+    from minimobile import torch_reference
+    timed = torch_reference.MobileNetV1(100, WIDTH)
+    assert [p.shape for p in timed.parameters()] == [p.shape for p in torch_model.parameters()]
+
+
+def test_same_weights_give_the_same_eval_logits(twins):
+    torch, flax_model, variables, torch_model = twins
+    images = np.random.default_rng(1).standard_normal((4, 32, 32, 3)).astype(np.float32)  # [B, H, W, C]
+    expected = flax_model.apply(variables, images, train=False)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # NCHW view
+    with torch.no_grad():
+        got = torch_model.eval()(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
