@@ -1,0 +1,146 @@
+"""The GPU speed check: one command, a few minutes, every figure written to a file as it comes.
+
+    python3 -m minimobile.gpu_check --out gpu_check.txt
+
+On one GPU it times the trainer's train step (the same as `python -m minimobile.bench`) for
+
+  1. every depthwise implementation (except 'split', which compiles one conv per channel) in
+     float32 and bfloat16 at batch 1024, MobileNet-V1 x1.0 on 32x32 CIFAR images; the first one
+     ('feature_group_count', what 'auto' picks on GPU) interleaved with PyTorch's CUDA build on the
+     same network (channels_last; float32, and bf16 under autocast), skipped and said so when torch
+     or its CUDA is missing;
+  2. the fastest of those in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
+
+Each line of the output file is one measurement as JSON, then a readable table at the end; a
+partial file is still useful if the run is cut short. Budget: `--budget-s` (default 240) of
+measuring; what does not fit is skipped and listed. Compiles dominate (tens of seconds each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+
+# Leave GPU memory for PyTorch's side of the comparison (JAX takes 75 % up front by default).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+import jax  # noqa: E402
+
+from minimobile import bench  # noqa: E402
+from minimobile.layers import DEPTHWISE_IMPLS  # noqa: E402
+
+IMPLS = tuple(i for i in DEPTHWISE_IMPLS if i != "split")
+DTYPES = ("float32", "bfloat16")
+SWEEP_BATCH_SIZES = (256, 1024, 4096)  # CIFAR images are small: 4096 is ~20 GB of activations
+
+
+def gpu_name() -> str:
+    """The accelerator as nvidia-smi names it, or JAX's device kind."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out or jax.devices()[0].device_kind
+    except (OSError, subprocess.SubprocessError):
+        return jax.devices()[0].device_kind
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python3 -m minimobile.gpu_check", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu_check.txt", help="results file (JSON lines, then a table)")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 2")
+    p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
+    p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    rows: list[dict] = []
+    skipped: list[str] = []
+
+    with open(args.out, "w") as f:
+        def write(row: dict) -> None:
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps(row), flush=True)
+
+        write({"what": "machine", "date": datetime.date.today().isoformat(), "gpu": gpu_name(),
+               "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
+               "width": args.width, "repeats": args.repeats, "steps": args.steps})
+
+        def over_budget(label: str) -> bool:
+            if time.perf_counter() - start > args.budget_s:
+                skipped.append(label)
+                return True
+            return False
+
+        def measure(impl: str, dtype: str, batch_size: int, compare: str | None = None) -> None:
+            label = f"{impl} {dtype} batch {batch_size}" + (" + torch" if compare else "")
+            if over_budget(label):
+                return
+            try:
+                r = bench.benchmark(args.width, batch_size, dtype, (impl,), args.repeats, args.steps,
+                                    compare=compare, pipeline=False, log=lambda s: None)
+            except Exception as e:  # one failing configuration (say, out of memory) must not cost the rest
+                write({"what": "error", "config": label, "error": f"{type(e).__name__}: {e}"[:500]})
+                return
+            row = {"what": "train_step", "impl": impl, "dtype": dtype, "batch_size": batch_size,
+                   "images_per_sec": r["images_per_sec"], "eval_images_per_sec": r["eval_images_per_sec"],
+                   "compile_s": r["compile_s"], "train_tflops": round(2 * r["train_macs_per_sec"] / 1e12, 2)}
+            if "torch" in r:
+                row.update(torch_images_per_sec=r["torch"]["images_per_sec"], ratio=r["ratio"],
+                           torch_eval_images_per_sec=r["torch"]["eval_images_per_sec"],
+                           torch_version=r["torch_version"])
+            write(row)
+
+        if jax.default_backend() != "gpu" and not args.allow_cpu:
+            write({"what": "error", "error": f"JAX sees no GPU (backend {jax.default_backend()}): nothing measured"})
+            raise SystemExit(1)
+        try:
+            import torch
+
+            compare = "torch" if torch.cuda.is_available() else None
+        except ImportError:
+            compare = None
+        if compare is None:
+            write({"what": "note", "note": "no CUDA build of torch here: PyTorch comparison skipped"})
+
+        # 1. Every implementation, both dtypes, one large batch; PyTorch beside the first.
+        for dtype in DTYPES:
+            for impl in IMPLS:
+                measure(impl, dtype, args.batch_size, compare if impl == IMPLS[0] else None)
+        # 2. The fastest implementation in bf16 across batch sizes.
+        timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"]
+        best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
+        for batch_size in (int(b) for b in args.sweep.split(",")):
+            if batch_size != args.batch_size:
+                measure(best, "bfloat16", batch_size)
+        if skipped:
+            write({"what": "skipped", "over_budget": skipped})
+
+        f.write("\n" + table(rows) + f"\ntotal {time.perf_counter() - start:.0f} s\n")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The measurements as a Markdown table, ready for the README."""
+    lines = ["| implementation | dtype | batch | train img/s | eval img/s | train TFLOP/s | compile s | PyTorch img/s | ratio |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("what") != "train_step":
+            continue
+        torch_cols = (f"{r['torch_images_per_sec']:,.0f} | {r['ratio']:.2f}x" if "ratio" in r else "- | -")
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch_size']} | {r['images_per_sec']:,.0f} | "
+                     f"{r['eval_images_per_sec']:,.0f} | {r['train_tflops']} | {r['compile_s']:.0f} | {torch_cols} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
