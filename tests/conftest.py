@@ -7,7 +7,8 @@ Every test run sees 8 CPU devices, so the multi-device code paths are exercised 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TFDS imports TensorFlow; keep its start-up chatter out
 os.environ.setdefault("TFDS_DISABLE_TQDM", "1")
 # Many tests (and the subprocesses they start) compile the same tiny programs: a persistent

@@ -206,8 +206,8 @@ def test_seed_tf_recipe_trains_evaluates_at_its_steps_and_resumes_from_the_comma
 
     # Then the command line, as a user runs it on one device (the test run's fake devices dropped), asked
     # for 60 steps in the same workdir: it continues from step 40's checkpoint to 60.
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")}
+    env = {**os.environ, "XLA_FLAGS": " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)}
     cmd = [sys.executable, "-m", "minimobile.train", "--recipe", "seed-tf", "--steps", "60", "--data-dir",
            cifar10_dir, "--workdir", str(workdir), "--depthwise-impl", "feature_group_count", "--no-progress"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
