@@ -178,10 +178,11 @@ def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.
     # One key per example, from its position in the *global* batch: augmentation does not depend on
     # how many devices share the batch. Dropout keys differ per device (each masks its own examples).
     positions = shard * local + jnp.arange(local)
-    augment_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_rng, 0), positions)
+    augment_keys = augment_lib.example_keys(jax.random.fold_in(step_rng, 0), positions)
     dropout_rng = jax.random.fold_in(jax.random.fold_in(step_rng, 1), shard)
-    x = augment_lib.augment_batch(augment_keys, images[indices], config.augment)   # [B/d, H, W, 3] float32
-    batch = {"image": augment_lib.normalize(x, mean, std), "label": labels[indices]}
+    batch = data_lib.gather_batch(images, labels, indices)                          # [B/d, H, W, 3] uint8
+    x = augment_lib.augment_batch(augment_keys, batch["image"], config.augment)      # [B/d, H, W, 3] float32
+    batch = {"image": augment_lib.normalize(x, mean, std), "label": batch["label"]}
     return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
                       learning_rate_fn=learning_rate_fn, axis_name=axis_name)
 
@@ -200,9 +201,10 @@ def evaluate_on_device_data(state: TrainState, images: jax.Array, labels: jax.Ar
 
     def one_batch(_, row):
         idx, m = (data_lib.shard_slice(r, num_shards, shard) for r in row)
-        x = augment_lib.normalize(images[idx].astype(jnp.float32), mean, std)
+        batch = data_lib.gather_batch(images, labels, idx)
+        x = augment_lib.normalize(batch["image"].astype(jnp.float32), mean, std)
         logits = state.apply_fn(variables, x, train=False)                       # [b, K]
-        y = labels[idx]
+        y = batch["label"]
         top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]                    # [b, 5]
         m = m.astype(jnp.float32)
         batch_sums = {"loss": jnp.sum(cross_entropy(logits, y) * m),
