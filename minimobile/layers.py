@@ -337,6 +337,46 @@ class PointwiseConv(nn.Module):
         return y.reshape(*lead, self.features)          # [B, H, W, C_out]
 
 
+class PatchConv(nn.Module):
+    """A KxK convolution (SAME) on few input channels, written as image patches times a matrix.
+
+    x: [B, H, W, C_in] -> [B, H', W', features]. Each output pixel's KxK x C_in input patch is one row
+    of a [B*H'*W', K*K*C_in] matrix (for the RGB stem, 27 columns), multiplied by the kernel reshaped to
+    [K*K*C_in, features]. Same parameter as `nn.Conv(features, (K, K), use_bias=False)`, a `kernel`
+    [K, K, C_in, features] with the same initialiser, so checkpoints are interchangeable. Why: on CPU,
+    XLA runs a convolution with 3 input channels, and its kernel gradient, on one core, and the stem is
+    the first layer forward and the last backward, so nothing else can run beside it; as a matmul
+    both passes use every core. The patches cost K*K times the input, which is small only when C_in
+    is, so `ConvBN` uses this for narrow inputs (the stem) and `nn.Conv` elsewhere.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c_in = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (k, k, c_in, self.features), self.param_dtype)  # [K, K, C_in, C_out]
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        b, h, w, _ = x.shape
+        ho, wo = -(-h // self.strides), -(-w // self.strides)
+        (top, bottom), (left, right) = same_padding(h, k, self.strides), same_padding(w, k, self.strides)
+        xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        # Columns in the kernel's own (row, column, channel) order, so kernel.reshape lines up with them.
+        patches = jnp.concatenate([_tap_view(xp, di, dj, self.strides, ho, wo)
+                                   for di in range(k) for dj in range(k)], axis=-1)  # [B, H', W', K*K*C_in]
+        y = jnp.dot(patches.reshape(-1, k * k * c_in), kernel.reshape(k * k * c_in, self.features))
+        return y.reshape(b, ho, wo, self.features)
+
+
+# Up to this many input channels a full convolution runs as PatchConv (see there why).
+PATCH_CONV_MAX_CHANNELS = 4
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over the last axis, a drop-in for `nn.BatchNorm` that is cheaper to differentiate.
 
@@ -388,7 +428,8 @@ class BatchNorm(nn.Module):
 class ConvBN(nn.Module):
     """Convolution -> BatchNorm -> ReLU6: the unit every MobileNet layer is made of.
 
-    `conv` names the convolution kind: "full" (an ordinary KxK conv), "depthwise" or "pointwise".
+    `conv` names the convolution kind: "full" (an ordinary 3x3 conv; as `PatchConv` on inputs of at most
+    PATCH_CONV_MAX_CHANNELS channels, such as the RGB stem), "depthwise" or "pointwise".
     BatchNorm statistics are averaged over `bn_axis_name` when training data-parallel (None under
     plain `jit`), so 8 devices with 16 images each normalise exactly like 1 device with 128.
     """
@@ -411,6 +452,8 @@ class ConvBN(nn.Module):
                                impl=self.depthwise_impl, name="depthwise", **kw)(x)  # [B, H', W', C*m]
         elif self.conv == "pointwise":
             x = PointwiseConv(self.features, name="pointwise", **kw)(x)  # [B, H, W, C_out]
+        elif x.shape[-1] <= PATCH_CONV_MAX_CHANNELS:
+            x = PatchConv(self.features, strides=self.strides, name="conv", **kw)(x)  # [B, H', W', C_out]
         else:
             x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
                         name="conv", **kw)(x)  # [B, H', W', C_out]

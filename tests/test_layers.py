@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from minimobile.layers import (DEPTHWISE_IMPLS, BatchNorm, DepthwiseConv, PointwiseConv, SeparableBlock,
+from minimobile.layers import (DEPTHWISE_IMPLS, BatchNorm, DepthwiseConv, PatchConv, PointwiseConv, SeparableBlock,
                                depthwise_conv_loops, resolve_depthwise_impl, same_padding)
 
 CASES = [  # (height, width, channels, depth_multiplier, stride)
@@ -121,6 +121,21 @@ def test_pointwise_module_is_a_drop_in_for_a_1x1_nn_conv():
     own = PointwiseConv(4).init(jax.random.key(1), x)
     np.testing.assert_array_equal(own["params"]["kernel"], params["params"]["kernel"])  # [1, 1, 6, 4]
     np.testing.assert_allclose(PointwiseConv(4).apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w, stride", [(6, 6, 1), (7, 5, 2), (8, 8, 2)])
+def test_patch_conv_is_a_drop_in_for_a_3x3_nn_conv(h, w, stride):
+    # PatchConv (the stem: image patches times a matrix) against XLA's own convolution, nn.Conv with
+    # the same kernel: same parameter and initialiser, same outputs and kernel gradient, odd sizes too.
+    x = jax.random.normal(jax.random.key(0), (2, h, w, 3))
+    reference = nn.Conv(5, (3, 3), strides=stride, padding="SAME", use_bias=False)
+    params = reference.init(jax.random.key(1), x)
+    ours = PatchConv(5, strides=stride)
+    np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"], params["params"]["kernel"])
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(jax.random.key(2), reference.apply(params, x).shape)
+    grad = lambda module: jax.grad(lambda p: jnp.sum(g * module.apply(p, x)))(params)["params"]["kernel"]
+    np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("train", [True, False])
