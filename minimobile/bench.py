@@ -4,6 +4,7 @@
     python -m minimobile.bench --compare torch                   # and PyTorch's, in the same run
     python -m minimobile.bench --all-impls --width 0.25          # one row per depthwise implementation
     python -m minimobile.bench --json | tail -n 1                # one JSON object, for scripts
+    python -m minimobile.bench --per-layer --compare torch       # each layer alone: where the time goes
 
 What is timed is exactly what the trainer runs: `steps.train_step` built from a `Config` with
 `steps.build_model`, `steps.make_optimizer` and `steps.create_train_state`, under `jax.jit` on one
@@ -41,6 +42,7 @@ from minimobile import costs, steps
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
 from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl
+from minimobile.model import MOBILENET_V1_BLOCKS, STEM_CHANNELS, STEM_STRIDES, thin
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
@@ -184,6 +186,97 @@ def torch_runners(width: float, batch_size: int, threads: int, dtype: str = "flo
 
 
 # --------------------------------------------------------------------------------------------
+# Layer by layer: where the step's time goes, in both frameworks.
+# --------------------------------------------------------------------------------------------
+
+
+def network_layers(width: float):
+    """(name, kind, c_in, c_out, stride, input height) of each conv layer of the CIFAR-stem network, in order."""
+    c, h = thin(STEM_CHANNELS, width), IMAGE_SHAPE[0]
+    yield "stem", "full", IMAGE_SHAPE[2], c, STEM_STRIDES["cifar"], h
+    h = -(-h // STEM_STRIDES["cifar"])
+    for i, (channels, stride) in enumerate(MOBILENET_V1_BLOCKS, 1):
+        yield f"block{i:02d} depthwise", "depthwise", c, c, stride, h
+        h = -(-h // stride)
+        yield f"block{i:02d} pointwise", "pointwise", c, thin(channels, width), 1, h
+        c = thin(channels, width)
+
+
+def layer_runners(kind: str, c_in: int, c_out: int, stride: int, height: int, batch_size: int,
+                  depthwise_impl: str, torch_threads: int | None) -> dict[str, Runner]:
+    """Forward + backward of one conv -> BatchNorm -> ReLU6 layer in training mode, in JAX (and PyTorch).
+
+    The loss is sum(y * r) for a fixed random r, and the gradient is taken with respect to the
+    parameters and, except for the stem (whose input is the images), the input, as in a train step.
+    """
+    from minimobile.layers import ConvBN
+    ho = -(-height // stride)
+    module = ConvBN(c_out, conv=kind, strides=stride, depthwise_impl=resolve_depthwise_impl(depthwise_impl))
+    x = jax.random.normal(jax.random.key(0), (batch_size, height, height, c_in))  # [B, H, W, C_in]
+    variables = module.init(jax.random.key(1), x, True)
+    r = jax.random.normal(jax.random.key(2), (batch_size, ho, ho, c_out))           # [B, H', W', C_out]
+
+    def loss(params, x):
+        y, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, True,
+                            mutable=["batch_stats"])
+        return jnp.sum(y * r)
+
+    grad = jax.jit(jax.grad(loss, argnums=0 if kind == "full" else (0, 1)))
+    runners = {"jax": lambda n: jax.block_until_ready([grad(variables["params"], x) for _ in range(n)])}
+    if torch_threads is not None:
+        import torch
+        from minimobile import torch_reference
+        torch.set_num_threads(torch_threads)
+        layer = torch_reference.ConvBN(c_in, c_out, 3 if kind != "pointwise" else 1, stride,
+                                       groups=c_in if kind == "depthwise" else 1).to(memory_format=torch.channels_last)
+        xt = torch.randn(batch_size, c_in, height, height).to(memory_format=torch.channels_last)
+        xt.requires_grad_(kind != "full")
+        rt = torch.randn(batch_size, c_out, ho, ho).to(memory_format=torch.channels_last)
+
+        def torch_run(n: int) -> None:
+            for _ in range(n):
+                layer.zero_grad(set_to_none=True)
+                xt.grad = None
+                (layer(xt) * rt).sum().backward()
+
+        runners["torch"] = torch_run
+    for run in runners.values():
+        run(1)  # compile / warm up
+    return runners
+
+
+def per_layer(width: float, batch_size: int, depthwise_impl: str, repeats: int, steps_per_repeat: int,
+              compare: str | None, log: Callable[[str], None] = print) -> list[dict]:
+    """Milliseconds per forward + backward of each layer: [{name, kind, jax_ms, torch_ms?}, ...]."""
+    rows = []
+    for name, kind, c_in, c_out, stride, height in network_layers(width):
+        log(f"timing {name} ({c_in} -> {c_out}, stride {stride}, {height}x{height}) ...")
+        runners = layer_runners(kind, c_in, c_out, stride, height, batch_size, depthwise_impl,
+                                cpu_count() if compare == "torch" else None)
+        seconds = interleaved_timings(runners, repeats, steps_per_repeat)
+        rows.append({"name": name, "kind": kind,
+                     **{f"{k}_ms": round(1e3 * statistics.median(v), 3) for k, v in seconds.items()}})
+    return rows
+
+
+def format_per_layer(rows: list[dict]) -> str:
+    """One line per layer, then the sums by kind (stem, depthwise, pointwise)."""
+    torch_too = "torch_ms" in rows[0]
+    lines = [f"{'layer':22s} {'ours ms':>9s}" + (f" {'torch ms':>9s} {'torch/ours':>10s}" if torch_too else "")]
+    for kind in (None, "full", "depthwise", "pointwise"):
+        picked = rows if kind is None else [r for r in rows if r["kind"] == kind]
+        if kind is not None:
+            picked = [{"name": f"all {kind if kind != 'full' else 'stem'}", "jax_ms": sum(r["jax_ms"] for r in picked),
+                       **({"torch_ms": sum(r["torch_ms"] for r in picked)} if torch_too else {})}]
+        for r in picked:
+            line = f"{r['name']:22s} {r['jax_ms']:9.2f}"
+            if torch_too:
+                line += f" {r['torch_ms']:9.2f} {r['torch_ms'] / r['jax_ms']:9.2f}x"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # Timing.
 # --------------------------------------------------------------------------------------------
 
@@ -295,6 +388,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps per repeat")
     p.add_argument("--compare", choices=("torch",), default=None, help="also time PyTorch, interleaved")
     p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline figure")
+    p.add_argument("--per-layer", action="store_true",
+                   help="instead, time each layer's forward + backward (conv, BatchNorm, ReLU6) on its own")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     return p.parse_args(argv)
 
@@ -311,6 +406,13 @@ def main(argv=None) -> None:
             raise UserError(f"{e}.") from None
     if args.repeats < 1 or args.steps < 1:
         raise UserError("--repeats and --steps must be at least 1.")
+    if args.per_layer:
+        rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps, args.compare,
+                         log=lambda s: print(s, flush=True))
+        print(format_per_layer(rows))
+        if args.json:
+            print(json.dumps({"width": args.width, "batch_size": args.batch_size, "layers": rows}))
+        return
     result = benchmark(args.width, args.batch_size, args.dtype, impls, args.repeats, args.steps, args.compare,
                        pipeline=not args.no_pipeline, log=lambda s: print(s, flush=True))
     print(format_table(result))

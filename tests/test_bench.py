@@ -31,6 +31,20 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
     assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
 
 
+def test_per_layer_times_every_conv_layer_of_the_paper_table_once(capsys):
+    # One stem, then a depthwise and a pointwise layer per row of Table 1 (13 rows): 27 layers, with the
+    # shapes the network itself gives them (checked against the cost table, an independent count).
+    from minimobile import costs
+    bench.main(["--per-layer", "--width", str(WIDTH), "--batch-size", "2", "--repeats", "1", "--steps", "1",
+                "--depthwise-impl", "feature_group_count", "--json"])
+    layers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"]
+    assert [r["kind"] for r in layers] == ["full"] + ["depthwise", "pointwise"] * 13
+    assert all(r["jax_ms"] > 0 for r in layers)
+    table = [layer for layer in costs.mobilenet_v1_layers(WIDTH, 32, 100, "cifar") if layer.kind in ("conv", "dw", "pw")]
+    shapes = [(height, c_in, c_out, stride) for _, _, c_in, c_out, stride, height in bench.network_layers(WIDTH)]
+    assert shapes == [(t.input_shape[0], t.input_shape[2], t.output_shape[2], t.stride) for t in table]
+
+
 def test_unknown_implementation_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--depthwise-impl", "winograd"])
