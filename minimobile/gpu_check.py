@@ -9,7 +9,10 @@ On one GPU it times the trainer's train step (the same as `python -m minimobile.
      ('feature_group_count', what 'auto' picks on GPU) interleaved with PyTorch's CUDA build on the
      same network (channels_last; float32, and bf16 under autocast), skipped and said so when torch
      or its CUDA is missing;
-  2. the fastest of those in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
+  2. what determinism costs: the default ('auto') train step in bfloat16 at batch 1024, once as it is
+     and once with XLA_FLAGS=--xla_gpu_deterministic_ops=true (each in a fresh process, since XLA
+     reads its flags when it starts), and the ratio of the two;
+  3. the fastest implementation of step 1 in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
 
 Each line of the output file is one measurement as JSON, then a readable table at the end; a
 partial file is still useful if the run is cut short. Budget: `--budget-s` (default 240) of
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 # Leave GPU memory for PyTorch's side of the comparison (JAX takes 75 % up front by default).
@@ -56,7 +60,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 2")
+    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 3")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
     p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
     args = p.parse_args(argv)
@@ -116,7 +120,28 @@ def main(argv=None) -> None:
         for dtype in DTYPES:
             for impl in IMPLS:
                 measure(impl, dtype, args.batch_size, compare if impl == IMPLS[0] else None)
-        # 2. The fastest implementation in bf16 across batch sizes.
+        # 2. The cost of deterministic GPU kernels (README, Reliability): the same step with and without.
+        deterministic = {}
+        for flag in ("", "--xla_gpu_deterministic_ops=true"):
+            label = f"auto bfloat16 batch {args.batch_size}" + (f" with {flag}" if flag else " (default flags)")
+            if over_budget(label):
+                continue
+            env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), flag))),
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3"}  # this process already holds 0.6 of the GPU
+            cmd = [sys.executable, "-m", "minimobile.bench", "--width", str(args.width), "--batch-size",
+                   str(args.batch_size), "--dtype", "bfloat16", "--repeats", str(args.repeats), "--steps",
+                   str(args.steps), "--no-pipeline", "--json"]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            try:
+                deterministic[flag] = json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"]
+            except (IndexError, ValueError, KeyError):
+                write({"what": "error", "config": label, "error": (out.stderr or out.stdout)[-500:]})
+        if len(deterministic) == 2:
+            write({"what": "deterministic_ops", "batch_size": args.batch_size, "dtype": "bfloat16",
+                   "images_per_sec": deterministic[""],
+                   "deterministic_images_per_sec": deterministic["--xla_gpu_deterministic_ops=true"],
+                   "ratio": round(deterministic["--xla_gpu_deterministic_ops=true"] / deterministic[""], 3)})
+        # 3. The fastest implementation in bf16 across batch sizes.
         timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"]
         best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
         for batch_size in (int(b) for b in args.sweep.split(",")):
@@ -139,6 +164,10 @@ def table(rows: list[dict]) -> str:
         torch_cols = (f"{r['torch_images_per_sec']:,.0f} | {r['ratio']:.2f}x" if "ratio" in r else "- | -")
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch_size']} | {r['images_per_sec']:,.0f} | "
                      f"{r['eval_images_per_sec']:,.0f} | {r['train_tflops']} | {r['compile_s']:.0f} | {torch_cols} |")
+    for r in rows:
+        if r.get("what") == "deterministic_ops":
+            lines.append(f"\n--xla_gpu_deterministic_ops=true: {r['deterministic_images_per_sec']:,.0f} img/s against "
+                         f"{r['images_per_sec']:,.0f} without ({r['ratio']:.2f}x), bfloat16, batch {r['batch_size']}")
     return "\n".join(lines)
 
 
