@@ -52,6 +52,12 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def pad_same(x: jax.Array, kernel_hw: tuple[int, int], stride: int) -> jax.Array:
+    """x: [B, H, W, C] zero-padded for a SAME convolution -> [B, H + pad, W + pad, C]."""
+    (top, bottom), (left, right) = (same_padding(n, k, stride) for n, k in zip(x.shape[1:3], kernel_hw))
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
 # --------------------------------------------------------------------------------------------
 # Five implementations of one depthwise convolution.
 # --------------------------------------------------------------------------------------------
@@ -118,8 +124,7 @@ def depthwise_conv_shift_add(x: jax.Array, kernel: jax.Array, stride: int = 1) -
     m = cm // c
     if m > 1:
         x = jnp.repeat(x, m, axis=-1)  # output channel o reads input channel o // m
-    (top, bottom), (left, right) = same_padding(h, kh, stride), same_padding(w, kw, stride)
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    xp = pad_same(x, (kh, kw), stride)
     ho, wo = -(-h // stride), -(-w // stride)
     out = None
     for di in range(kh):
@@ -191,8 +196,7 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, 
     b, h, w, c = x.shape
     kh, kw = kernel_shape[:2]
     ho, wo = g.shape[1:3]
-    (top, bottom), (left, right) = same_padding(h, kh, stride), same_padding(w, kw, stride)
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    xp = pad_same(x, (kh, kw), stride)
     rows = b * ho
     fold = next(f for f in (KERNEL_GRAD_FOLD, 4, 2, 1) if rows % f == 0)
     sums = []
@@ -364,8 +368,7 @@ class PatchConv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         b, h, w, _ = x.shape
         ho, wo = -(-h // self.strides), -(-w // self.strides)
-        (top, bottom), (left, right) = same_padding(h, k, self.strides), same_padding(w, k, self.strides)
-        xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        xp = pad_same(x, (k, k), self.strides)
         # Columns in the kernel's own (row, column, channel) order, so kernel.reshape lines up with them.
         patches = jnp.concatenate([_tap_view(xp, di, dj, self.strides, ho, wo)
                                    for di in range(k) for dj in range(k)], axis=-1)  # [B, H', W', K*K*C_in]
