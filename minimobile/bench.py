@@ -41,8 +41,7 @@ from minimobile import augment as augment_lib
 from minimobile import costs, steps
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
-from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl
-from minimobile.model import MOBILENET_V1_BLOCKS, STEM_CHANNELS, STEM_STRIDES, thin
+from minimobile.layers import DEPTHWISE_IMPLS, ConvBN, resolve_depthwise_impl
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
@@ -191,15 +190,16 @@ def torch_runners(width: float, batch_size: int, threads: int, dtype: str = "flo
 
 
 def network_layers(width: float):
-    """(name, kind, c_in, c_out, stride, input height) of each conv layer of the CIFAR-stem network, in order."""
-    c, h = thin(STEM_CHANNELS, width), IMAGE_SHAPE[0]
-    yield "stem", "full", IMAGE_SHAPE[2], c, STEM_STRIDES["cifar"], h
-    h = -(-h // STEM_STRIDES["cifar"])
-    for i, (channels, stride) in enumerate(MOBILENET_V1_BLOCKS, 1):
-        yield f"block{i:02d} depthwise", "depthwise", c, c, stride, h
-        h = -(-h // stride)
-        yield f"block{i:02d} pointwise", "pointwise", c, thin(channels, width), 1, h
-        c = thin(channels, width)
+    """(name, kind, c_in, c_out, stride, input height) of each conv layer of the CIFAR-stem network, in order.
+
+    Read off the cost table (`costs.py`), which walks Table 1 the way the model does.
+    """
+    kinds = {"conv": "full", "dw": "depthwise", "pw": "pointwise"}
+    convs = [layer for layer in costs.mobilenet_v1_layers(width, IMAGE_SHAPE[0], NUM_CLASSES, "cifar")
+             if layer.kind in kinds]
+    for i, layer in enumerate(convs):
+        name = "stem" if i == 0 else f"block{(i + 1) // 2:02d} {kinds[layer.kind]}"
+        yield name, kinds[layer.kind], layer.input_shape[2], layer.output_shape[2], layer.stride, layer.input_shape[0]
 
 
 def layer_runners(kind: str, c_in: int, c_out: int, stride: int, height: int, batch_size: int,
@@ -209,7 +209,6 @@ def layer_runners(kind: str, c_in: int, c_out: int, stride: int, height: int, ba
     The loss is sum(y * r) for a fixed random r, and the gradient is taken with respect to the
     parameters and, except for the stem (whose input is the images), the input, as in a train step.
     """
-    from minimobile.layers import ConvBN
     ho = -(-height // stride)
     module = ConvBN(c_out, conv=kind, strides=stride, depthwise_impl=resolve_depthwise_impl(depthwise_impl))
     x = jax.random.normal(jax.random.key(0), (batch_size, height, height, c_in))  # [B, H, W, C_in]

@@ -32,17 +32,24 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
 
 
 def test_per_layer_times_every_conv_layer_of_the_paper_table_once(capsys):
-    # One stem, then a depthwise and a pointwise layer per row of Table 1 (13 rows): 27 layers, with the
-    # shapes the network itself gives them (checked against the cost table, an independent count).
-    from minimobile import costs
+    # One stem, then a depthwise and a pointwise layer per row of Table 1 (13 rows): 27 layers, whose
+    # channels are those of the Flax model's own kernels, in the model's order (an independent source).
     bench.main(["--per-layer", "--width", str(WIDTH), "--batch-size", "2", "--repeats", "1", "--steps", "1",
                 "--depthwise-impl", "feature_group_count", "--json"])
     layers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"]
     assert [r["kind"] for r in layers] == ["full"] + ["depthwise", "pointwise"] * 13
     assert all(r["jax_ms"] > 0 for r in layers)
-    table = [layer for layer in costs.mobilenet_v1_layers(WIDTH, 32, 100, "cifar") if layer.kind in ("conv", "dw", "pw")]
-    shapes = [(height, c_in, c_out, stride) for _, _, c_in, c_out, stride, height in bench.network_layers(WIDTH)]
-    assert shapes == [(t.input_shape[0], t.input_shape[2], t.output_shape[2], t.stride) for t in table]
+    params = MobileNetV1(num_classes=100, width=WIDTH, stem="cifar").init(
+        jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)["params"]
+    from_model = [params["stem"]["conv"]["kernel"].shape[2:]]                  # [3, 3, 3, C]: (3, C)
+    for block in sorted(k for k in params if k.startswith("block")):
+        c = params[block]["depthwise"]["depthwise"]["kernel"].shape[3]           # [3, 3, 1, C]: C -> C
+        from_model += [(c, c), params[block]["pointwise"]["pointwise"]["kernel"].shape[2:]]  # [1, 1, C_in, C_out]
+    assert [(c_in, c_out) for _, _, c_in, c_out, _, _ in bench.network_layers(WIDTH)] == from_model
+    # Strides and sizes as Table 1 gives them: the depthwise layers of rows 2, 4, 6 and 12 halve 32 -> 2.
+    strides = [stride for _, _, _, _, stride, _ in bench.network_layers(WIDTH)]
+    assert [i for i, s in enumerate(strides) if s == 2] == [3, 7, 11, 23]
+    assert [h for _, _, _, _, _, h in bench.network_layers(WIDTH)][-1] == 2
 
 
 def test_unknown_implementation_is_a_one_line_error(capsys):
