@@ -13,6 +13,7 @@ CASES = [  # (height, width, channels, depth_multiplier, stride)
     (6, 6, 3, 1, 1),
     (7, 5, 2, 1, 2),   # odd sizes: SAME pads unevenly, the extra row after
     (8, 8, 2, 2, 2),   # depth multiplier 2: each input channel owns two filters
+    (7, 8, 2, 1, 3),   # stride 3: three input phases per axis, one read from the row before
     (5, 6, 3, 3, 1),
 ]
 
@@ -42,7 +43,7 @@ def test_every_implementation_computes_the_numpy_definition(impl, h, w, c, m, st
 
 
 @pytest.mark.parametrize("impl", sorted(DEPTHWISE_IMPLS))
-@pytest.mark.parametrize("h, w, c, m, stride", CASES[:3])  # stride 1, odd sizes at stride 2, multiplier 2
+@pytest.mark.parametrize("h, w, c, m, stride", CASES[:4])  # stride 1, odd sizes at 2, multiplier 2, stride 3
 def test_every_implementation_has_the_gradient_of_the_definition(impl, h, w, c, m, stride):
     # The convolution is linear in x and in the kernel, so the gradient of L = <g, conv(x, k)> with
     # respect to one kernel entry is exactly <g, conv(x, that unit kernel)>: an oracle that needs
