@@ -6,14 +6,17 @@
     python -m minimobile.bench --json | tail -n 1                # one JSON object, for scripts
     python -m minimobile.bench --per-layer --compare torch       # each layer alone: where the time goes
 
-What is timed is exactly what the trainer runs: `steps.train_step` built from a `Config` with
-`steps.build_model`, `steps.make_optimizer` and `steps.create_train_state`, under `jax.jit` on one
-device with the state donated, on random normalised images [B, 32, 32, 3] (CIFAR stem, 100 classes).
-Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps` steps
-each, and we report the median. With `--compare torch` the same architecture in PyTorch
-(`torch_reference.py`: channels_last, SGD with Nesterov momentum, cross-entropy, as many threads as
-cores) runs interleaved with ours, repeat by repeat, so both see the same machine load, and the ratio
-of the medians is printed, with the ratio of the fastest repeats beside it. These are measurements,
+What is timed is exactly what the trainer runs: the compiled call `train.build_run` makes from the
+default recipe at the given width and batch (CIFAR stem, 100 classes) on one device, over a dataset of
+random uint8 pictures [N, 32, 32, 3] on the device: each step gathers its batch, augments (pad-4 crop
++ flip), normalises and steps, `--steps-per-call` steps per call (16, as the trainer) with the state
+donated from call to call. `--steps-per-call 1` times one call per step, the way an eager framework
+runs. Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps`
+steps each (one call's worth by default), and we report the median. With `--compare torch` the same
+architecture in PyTorch (`torch_reference.py`: channels_last, SGD with Nesterov momentum,
+cross-entropy, as many threads as cores, one fixed batch, no augmentation) runs interleaved with ours,
+repeat by repeat, so both see the same machine load, and the ratio of the medians is printed, with
+the ratio of the fastest repeats beside it. These are measurements,
 not tests: on a shared machine they move by tens of percent from run to run, so compare figures from
 one run only. Other processes on the same cores hurt PyTorch's OpenMP threads far more than XLA's; for
 a comparison that load cannot tilt, pin both to one core: `taskset -c 0 python -m minimobile.bench ...`.
@@ -26,7 +29,6 @@ respect to the activations and to the weights, each about one forward's worth).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -38,7 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimobile import augment as augment_lib
-from minimobile import costs, steps
+from minimobile import costs
+from minimobile import data as data_lib
+from minimobile import parallel as parallel_lib
+from minimobile import train as train_lib
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
 from minimobile.layers import DEPTHWISE_IMPLS, ConvBN, resolve_depthwise_impl
@@ -61,9 +66,11 @@ def cpu_count() -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_config(width: float, batch_size: int, dtype: str, depthwise_impl: str) -> Config:
-    """The default recipe at this size: same optimizer, decay and label smoothing as a real run."""
-    return Config(width=width, batch_size=batch_size, dtype=dtype, depthwise_impl=depthwise_impl)
+def bench_config(width: float, batch_size: int, dtype: str, depthwise_impl: str,
+                 steps_per_call: int = Config.steps_per_call) -> Config:
+    """The default recipe at this size: same optimizer, decay, augmentation and label smoothing as a real run."""
+    return Config(width=width, batch_size=batch_size, dtype=dtype, depthwise_impl=depthwise_impl,
+                  steps_per_call=steps_per_call, parallel="jit")
 
 
 def random_batch(batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -73,37 +80,48 @@ def random_batch(batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
             "label": jnp.arange(batch_size, dtype=jnp.int32) % NUM_CLASSES}
 
 
-def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
-    """The trainer's step and the eval forward pass, compiled; returns (train, evaluate, compile seconds).
+def random_dataset(num_train: int, seed: int = 0) -> data_lib.Dataset:
+    """Random uint8 pictures shaped like CIFAR-100's: what a step costs does not depend on what they show."""
+    rng = np.random.default_rng(seed)
+    split = lambda n: data_lib.Split(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8),
+                                     np.arange(n, dtype=np.int32) % NUM_CLASSES)
+    return data_lib.Dataset("random", split(num_train), split(NUM_CLASSES), NUM_CLASSES,
+                            tuple(f"class {i}" for i in range(NUM_CLASSES)),
+                            mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4))  # CIFAR-100's, near enough
 
-    `train(n)` runs n train steps, each feeding the next its donated state, as the trainer does (donation
-    lets XLA update parameters and optimizer moments in place). `evaluate(n)` runs the eval-mode forward
-    pass (running BatchNorm statistics) on the current state, logits only.
+
+def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
+    """The trainer's compiled call and the eval forward pass; returns (train, evaluate, compile seconds).
+
+    `train(n)` runs n steps exactly as `python -m minimobile.train` runs them on one device: the call
+    `train.build_run` compiles (each step picks its batch from a uint8 dataset on the device, augments and
+    normalises it, then steps), `config.steps_per_call` steps per call, each call feeding the next its
+    donated state (donation lets XLA update parameters and optimizer moments in place). `evaluate(n)`
+    runs the eval-mode forward pass (running BatchNorm statistics) on the current state, logits only.
     """
-    model = steps.build_model(config, NUM_CLASSES)
-    schedule = steps.learning_rate_schedule(config, steps_per_epoch=390, total_steps=390 * config.epochs)
-    tx = steps.make_optimizer(config, schedule)
-    state = jax.jit(lambda: steps.create_train_state(jax.random.key(0), model, tx, IMAGE_SHAPE))()
-    batch, rng = random_batch(config.batch_size), jax.random.key(1)
-    step = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing,
-                                     learning_rate_fn=schedule), donate_argnums=0)
+    run = train_lib.build_run(config, random_dataset(4 * config.batch_size), parallel_lib.setup("jit"))
+    order = run.epoch_order(0)
+    call_args = lambda state, n: (state, *run.device_data[:2], order, run.base_rng, np.int32(n))
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
+    compiled = run.step_fn.lower(*call_args(run.state, 1)).compile()
     compile_s = time.perf_counter() - start
     forward = jax.jit(lambda state, x: state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                                                       x, train=False))
-    box = {"state": state}
+    images = random_batch(config.batch_size)["image"]
+    box = {"state": run.state}
 
     def train(n: int) -> None:
         state = box["state"]
-        for _ in range(n):
-            state, metrics = compiled(state, batch, rng)
+        while n > 0:
+            k = min(n, config.steps_per_call)
+            state, metrics = compiled(*call_args(state, k))
+            n -= k
         jax.block_until_ready(metrics)
         box["state"] = state
 
     def evaluate(n: int) -> None:
         for _ in range(n):
-            logits = forward(box["state"], batch["image"])
+            logits = forward(box["state"], images)
         jax.block_until_ready(logits)
 
     train(1)  # the first call also allocates; keep it out of the timings
@@ -295,18 +313,24 @@ def interleaved_timings(runners: dict[str, Runner], repeats: int, steps_per_repe
 
 
 def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32", impls: tuple[str, ...] = ("auto",),
-              repeats: int = 5, steps_per_repeat: int = 3, compare: str | None = None,
-              pipeline: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Runs the benchmark and returns its figures (see `main` for the printed form)."""
+              repeats: int = 5, steps_per_repeat: int | None = None, compare: str | None = None,
+              pipeline: bool = True, log: Callable[[str], None] = print,
+              steps_per_call: int = Config.steps_per_call) -> dict:
+    """Runs the benchmark and returns its figures (see `main` for the printed form).
+
+    steps_per_repeat defaults to steps_per_call: each timed repeat is one call of the trainer's.
+    """
+    steps_per_repeat = steps_per_repeat or steps_per_call
     macs = costs.totals(costs.mobilenet_v1_layers(width, IMAGE_SHAPE[0], NUM_CLASSES, "cifar"))["macs"]
     threads = cpu_count()
     result = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
               "cpu_count": threads, "width": width, "batch_size": batch_size, "dtype": dtype,
               "macs_per_image": macs, "repeats": repeats, "steps_per_repeat": steps_per_repeat,
+              "steps_per_call": steps_per_call,
               "load_average_start": round(os.getloadavg()[0], 2), "impls": {}}
     train, evaluate = {}, {}
     for impl in impls:
-        config = bench_config(width, batch_size, dtype, impl)
+        config = bench_config(width, batch_size, dtype, impl, steps_per_call)
         name = resolve_depthwise_impl(impl)
         log(f"compiling the train step ({name}) ...")
         train[name], evaluate[name], compile_s = jax_runners(config)
@@ -355,7 +379,8 @@ def format_table(result: dict) -> str:
     lines = [f"MobileNet-V1 x{result['width']}, CIFAR stem, 100 classes, batch {result['batch_size']}, "
              f"{result['dtype']}, {result['backend']} ({result['device']}, {result['cpu_count']} cores); "
              f"{result['macs_per_image'] / 1e6:.1f} M mult-adds per image forward, x{TRAIN_MACS_PER_FORWARD} per train step",
-             f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps; load average "
+             f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps, ours "
+             f"{result['steps_per_call']} steps per call like the trainer's; load average "
              f"{result['load_average_start']} -> {result['load_average_end']}",
              f"{'':22s} {'train img/s':>12s} {'(best)':>8s} {'eval img/s':>11s} {'train GMAC/s':>13s} {'compile s':>10s}"]
     rows = list(result["impls"].items()) + ([("torch " + result["torch_version"], result["torch"])]
@@ -384,7 +409,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--all-impls", action="store_true",
                    help="every implementation except 'split' (it compiles one conv per channel: minutes)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    p.add_argument("--steps", type=int, default=3, help="steps per repeat")
+    p.add_argument("--steps", type=int, default=None, help="steps per repeat (default: --steps-per-call)")
+    p.add_argument("--steps-per-call", type=int, default=Config.steps_per_call,
+                   help=f"train steps per compiled call, as the trainer runs them (default {Config.steps_per_call}; "
+                        "1 = one call per step)")
     p.add_argument("--compare", choices=("torch",), default=None, help="also time PyTorch, interleaved")
     p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline figure")
     p.add_argument("--per-layer", action="store_true",
@@ -403,17 +431,18 @@ def main(argv=None) -> None:
             resolve_depthwise_impl(impl)
         except ValueError as e:
             raise UserError(f"{e}.") from None
-    if args.repeats < 1 or args.steps < 1:
-        raise UserError("--repeats and --steps must be at least 1.")
+    if args.repeats < 1 or (args.steps or 1) < 1 or args.steps_per_call < 1:
+        raise UserError("--repeats, --steps and --steps-per-call must be at least 1.")
     if args.per_layer:
-        rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps, args.compare,
+        rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps or 3, args.compare,
                          log=lambda s: print(s, flush=True))
         print(format_per_layer(rows))
         if args.json:
             print(json.dumps({"width": args.width, "batch_size": args.batch_size, "layers": rows}))
         return
     result = benchmark(args.width, args.batch_size, args.dtype, impls, args.repeats, args.steps, args.compare,
-                       pipeline=not args.no_pipeline, log=lambda s: print(s, flush=True))
+                       pipeline=not args.no_pipeline, log=lambda s: print(s, flush=True),
+                       steps_per_call=args.steps_per_call)
     print(format_table(result))
     if args.json:
         print(json.dumps(result))

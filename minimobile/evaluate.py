@@ -14,7 +14,6 @@ import argparse
 import json
 import pathlib
 
-import numpy as np
 
 from minimobile import parallel, report
 from minimobile.checkpoint import Checkpoints

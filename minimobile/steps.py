@@ -9,12 +9,12 @@ gradient averaging across devices, optimizer update. It never touches the host. 
 
 and `parallel.py` is where it gets wrapped. `train_step_on_device_data` adds the input pipeline in
 front of it (pick this step's examples from the dataset already on the device, augment, normalise), so
-that one compiled program does everything a training step needs and the host only says "go".
+that one compiled program does everything a training step needs and the host only says "go", and
+`train_steps_on_device_data` runs several such steps in one call, as a loop on the device.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -185,6 +185,32 @@ def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.
     batch = {"image": augment_lib.normalize(x, mean, std), "label": batch["label"]}
     return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
                       learning_rate_fn=learning_rate_fn, axis_name=axis_name)
+
+
+def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, perm: jax.Array,
+                               base_rng: jax.Array, num_steps: jax.Array, **step_kwargs
+                               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`num_steps` consecutive `train_step_on_device_data` steps in one call: a loop on the device.
+
+    Why a loop: every call of a compiled program gets fresh scratch memory for its intermediates. On
+    CPU that is ~0.5 GB for MobileNet at batch 128, and the kernel maps and zero-fills it page by page
+    (~125,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
+    step. (On a GPU the loop saves the launch latency of each call instead.) `num_steps` is a traced
+    value, so one compiled program serves every count, and every step runs the same compiled body:
+    how steps are grouped into calls never changes the result, bit for bit.
+
+    Returns the state and each metric *summed* over the steps (their mean is sum / "steps").
+    """
+    keys = ("loss", "accuracy") + (("learning_rate",) if step_kwargs.get("learning_rate_fn") else ())
+
+    def one_step(_, carry):
+        state, sums = carry
+        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, **step_kwargs)
+        return state, {k: sums[k] + jnp.asarray(metrics[k], jnp.float32) for k in keys}
+
+    sums = {k: jnp.zeros((), jnp.float32) for k in keys}
+    state, sums = lax.fori_loop(0, num_steps, one_step, (state, sums))
+    return state, {**sums, "steps": num_steps}
 
 
 def evaluate_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,

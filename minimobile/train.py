@@ -39,7 +39,8 @@ from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error
 def validate(config: Config) -> None:
     """Reject settings that cannot work, each with one sentence saying what to change."""
     positive = {"--epochs": config.epochs if not config.steps else 1, "--width": config.width,
-                "--batch-size": config.batch_size, "--learning-rate": config.learning_rate}
+                "--batch-size": config.batch_size, "--learning-rate": config.learning_rate,
+                "--steps-per-call": config.steps_per_call}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}.")
@@ -125,6 +126,16 @@ class Schedule:
     def is_checkpoint(self, step: int) -> bool:
         return step % self.checkpoint_every == 0 or step == self.total_steps
 
+    def steps_in_call(self, step: int, most: int) -> int:
+        """How many steps the call starting after `step` runs: at most `most`, ending on the next step
+        where something happens (a log line, an evaluation, a checkpoint, a new epoch, the end)."""
+        def next_multiple(every: int) -> int:
+            return (step // every + 1) * every
+        events = [next_multiple(e) for e in (self.steps_per_epoch, self.log_every, self.eval_every,
+                                             self.checkpoint_every)]
+        events += [s for s in self.eval_at if s > step] + [self.total_steps]
+        return max(1, min(most, min(events) - step))
+
 
 def make_schedule(config: Config, num_train: int) -> Schedule:
     spe = data_lib.steps_per_epoch(num_train, config.batch_size)
@@ -144,8 +155,9 @@ def say(*args) -> None:
 class Run:
     """Everything the loop needs, built once from a config, a dataset and a device layout.
 
-    `step(state, order)` is one compiled training step (its batch is picked on the device from
-    `order`, this epoch's permutation); `evaluate(state)` is the whole test split in one call.
+    `steps(state, order, n)` runs n training steps in one compiled call (each step's batch is picked
+    on the device from `order`, this epoch's permutation) and returns the metrics summed over them;
+    `step(state, order)` is one of them. `evaluate(state)` is the whole test split in one call.
     Tests and tutorials build a Run to drive steps by hand.
     """
 
@@ -164,9 +176,13 @@ class Run:
     def epoch_order(self, epoch: int) -> jax.Array:
         return self.epoch_order_fn(np.int32(epoch))
 
-    def step(self, state, order):
+    def steps(self, state, order, n: int):
         train_images, train_labels = self.device_data[:2]
-        return self.step_fn(state, train_images, train_labels, order, self.base_rng)
+        count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
+        return self.step_fn(state, train_images, train_labels, order, self.base_rng, count)
+
+    def step(self, state, order):
+        return self.steps(state, order, 1)
 
     def evaluate(self, state) -> tuple[dict[str, float], np.ndarray]:
         """Test metrics and the top-1 prediction for every test image, in order."""
@@ -202,7 +218,7 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
     mean, std = steps.input_normalization(config, ds.mean, ds.std)  # the dataset's, or the report's [-1, 1]
     norm = dict(mean=mean, std=std)
     step_fn = parallel.distribute(functools.partial(
-        steps.train_step_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
+        steps.train_steps_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
         learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
     eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
                                   out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
@@ -275,11 +291,12 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
 
     config, sched, par = run.config, run.sched, run.par
     final: dict[str, Any] = {}
-    pending: list[dict] = []          # device metrics not yet read back
+    pending: list[dict] = []          # device metrics (sums over each call's steps) not yet read back
     tick, tick_step = time.perf_counter(), start
     order, bar, train_summary = None, None, {}
     last_good, last_checkpoint = start, start or None
-    for step in range(start, sched.total_steps):
+    step = start
+    while step < sched.total_steps:
         epoch, step_in_epoch = divmod(step, sched.steps_per_epoch)
         if order is None or step_in_epoch == 0:
             order = run.epoch_order(epoch)
@@ -291,14 +308,17 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
             bar = tqdm(total=total, initial=step_in_epoch, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                        disable=hide)
 
-        state, metrics = run.step(state, order)
+        # Several steps per call (a loop on the device), never past the next log, evaluation or checkpoint.
+        n = sched.steps_in_call(step, config.steps_per_call)
+        state, metrics = run.steps(state, order, n)
         pending.append(metrics)
-        done = step + 1
+        done = step = step + n
 
         if done % sched.log_every == 0 or done == sched.total_steps or stop or sched.is_eval(done):
             # The only place the host waits for the device during training.
             values = jax.device_get([parallel.unreplicate(m, par) for m in pending])
-            mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+            num_steps = sum(int(v["steps"]) for v in values)
+            mean = {k: float(sum(v[k] for v in values)) / num_steps for k in values[0] if k != "steps"}
             if not math.isfinite(mean["loss"]):
                 bar.close()
                 kept = (f"the last good checkpoint (step {last_checkpoint:,}) is kept" if last_checkpoint
@@ -314,7 +334,7 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
                           "images_per_sec": round(images_per_sec, 1)})
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{100 * mean['accuracy']:.1f}%",
                             img_s=f"{images_per_sec:,.0f}", refresh=False)
-            bar.update(len(pending))
+            bar.update(num_steps)
             pending, train_summary = [], mean
 
         if stop:
@@ -351,7 +371,7 @@ FLAGS = {  # flag -> Config field; every one overrides the recipe
     "--batch-size": "batch_size", "--width": "width", "--seed": "seed", "--dtype": "dtype",
     "--learning-rate": "learning_rate", "--weight-decay": "weight_decay", "--augment": "augment",
     "--depthwise-impl": "depthwise_impl", "--parallel": "parallel", "--dropout": "dropout_rate",
-    "--block": "block", "--log-every": "log_every_steps",
+    "--block": "block", "--log-every": "log_every_steps", "--steps-per-call": "steps_per_call",
 }
 
 
@@ -378,6 +398,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--depthwise-impl", choices=("auto", "feature_group_count", "shift_add", "split"))
     p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
     p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
+    p.add_argument("--steps-per-call", type=int,
+                   help="steps one compiled call runs, as a loop on the device (default 16; results never depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (then --num-processes, --process-id)")
     p.add_argument("--num-processes", type=int)

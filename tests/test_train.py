@@ -109,19 +109,48 @@ def test_two_processes_with_two_devices_each_compute_the_same_update(tmp_path):
             np.testing.assert_allclose(got[f"params_{k}_{i}"], leaf, rtol=2e-3, atol=2e-3)
 
 
+def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bit():
+    # The trainer runs up to `steps_per_call` steps per compiled call (a loop on the device). Every step
+    # runs the same compiled loop body whatever the count, so grouping cannot change a single bit.
+    run = train.build_run(TINY, sample_dataset(), parallel.setup("jit"))
+    order, start = run.epoch_order(0), jax.device_get(run.state)
+    fresh = lambda: jax.device_put(start)  # the step donates its input state
+    together, summed = run.steps(fresh(), order, 3)
+    apart, losses = fresh(), []
+    for _ in range(3):
+        apart, metrics = run.step(apart, order)
+        losses.append(float(metrics["loss"]))
+    assert int(together.step) == int(apart.step) == 3 and int(summed["steps"]) == 3
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(together), jax.device_get(apart))
+    assert float(summed["loss"]) == pytest.approx(sum(losses), rel=1e-6)  # metrics come back summed
+
+
+def test_calls_end_on_every_step_where_something_happens():
+    sched = train.Schedule(steps_per_epoch=10, total_steps=23, eval_every=10, eval_at=(7,), checkpoint_every=5,
+                           log_every=4)
+    ends, step = [], 0
+    while step < sched.total_steps:
+        n = sched.steps_in_call(step, most=3)
+        assert 1 <= n <= 3
+        step += n
+        ends.append(step)
+    assert ends == [3, 4, 5, 7, 8, 10, 12, 15, 16, 19, 20, 23]  # logs at 4k, checkpoints at 5k, eval at 7, 10k
+
+
 def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     ds = sample_dataset()
     config = TINY.replace(epochs=3, parallel="mesh", dropout_rate=0.1)  # 4 steps/epoch, 12 in all
-    uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)
+    uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)  # 2 steps a call (log_every)
 
-    # As if SIGTERM arrived during step 6, mid-epoch 2 (a real signal is sent in test_reliability.py).
-    stop, step = train.StopRequest(), train.Run.step
+    # As if SIGTERM arrived during step 6, mid-epoch 2 (a real signal is sent in test_reliability.py), in a
+    # run that makes one step per call: how steps are grouped into calls must not change the result.
+    stop, steps = train.StopRequest(), train.Run.steps
     monkeypatch.setattr(train, "StopRequest", lambda: stop)
-    monkeypatch.setattr(train.Run, "step", lambda run, state, order: (
+    monkeypatch.setattr(train.Run, "steps", lambda run, state, order, n: (
         setattr(stop, "signal", signal.SIGTERM if int(parallel.unreplicate(state, run.par).step) == 5 else None),
-        step(run, state, order))[1])
+        steps(run, state, order, n))[1])
     with pytest.raises(SystemExit) as exit_info:
-        train.train_and_evaluate(config, tmp_path / "b", dataset=ds)
+        train.train_and_evaluate(config.replace(steps_per_call=1), tmp_path / "b", dataset=ds)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert "SIGTERM received: saved a checkpoint at step 6" in capsys.readouterr().out
     monkeypatch.undo()

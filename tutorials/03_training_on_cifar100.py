@@ -273,13 +273,14 @@ print(f"width {config.width}: {n_params:,} parameters; {run.sched.steps_per_epoc
 # %% [markdown]
 # `build_run(config, dataset, par)` does everything a run needs once: builds the model and the
 # optimizer, initialises the state, copies both splits to the device, and wraps the step and the
-# evaluation for the device layout. A training step is then `run.step(state, order)`. What goes
-# in and what comes out? Tracing the step with `jax.make_jaxpr` answers without running anything:
+# evaluation for the device layout. Training is then `run.steps(state, order, n)`: n steps in one
+# compiled call (`run.step(state, order)` is one of them). What goes in and what comes out? Tracing
+# the call with `jax.make_jaxpr` answers without running anything:
 
 # %%
 order = run.epoch_order(0)                                          # [800]: epoch 0's permutation
 step_args = dict(state=run.state, train_images=run.device_data[0], train_labels=run.device_data[1],
-                 order=order, base_rng=run.base_rng)
+                 order=order, base_rng=run.base_rng, num_steps=np.int32(1))
 describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if hasattr(x, "shape") else type(x).__name__
 for name, value in step_args.items():
     leaves = jax.tree.leaves(value)
@@ -296,9 +297,10 @@ print("out: metrics      ", {k: describe(v) for k, v in metrics_shape.items()})
 # The state is the parameters, the optimizer's momentum, BatchNorm's running statistics and the
 # step number: everything that changes. The dataset goes in whole (it is already on the device)
 # together with the epoch's order; the step picks its own 32 examples from `state.step`. What comes
-# out is the new state and three scalars. No image, no logits, nothing of size `B` crosses back:
-# loss and accuracy are computed *inside* the step, and the loop reads them every
-# `log_every_steps`, never after every step (each read makes the host wait for the device).
+# out is the new state and four scalars: loss, accuracy and learning rate summed over the call's
+# steps, and how many steps it ran. No image, no logits, nothing of size `B` crosses back: loss and
+# accuracy are computed *inside* the step, and the loop reads them every `log_every_steps`, never
+# after every call (each read makes the host wait for the device).
 #
 # Inside is one program. The trace, a *jaxpr*, is that program in JAX's intermediate language;
 # counting the primitives in it finds the input pipeline, the augmentation, the forward pass, the
@@ -340,14 +342,14 @@ print("donated inputs:", sum(outer.params["donated_invars"]), "of", len(outer.pa
 #   the 13 pointwise layers and the classifier is three `dot_general`s: the forward product and the
 #   two products of its backward pass (gradients for the input and for the kernel), 14 x 3 = 42.
 # * The depthwise convolutions do not appear as convolutions at all. On a CPU,
-#   `depthwise_impl="auto"` picks `shift_add` (tutorial 1): pad, take nine shifted slices, multiply
+#   `depthwise_impl="auto"` picks `shift_add_vjp` (tutorial 1): pad, take nine shifted slices, multiply
 #   each by its per-channel weight, add. That is where most of the `mul`, `add`, `pad` and `slice`
 #   operations come from. On a GPU it picks XLA's grouped convolution, and they show up as
 #   `conv_general_dilated` instead.
 # * Thousands of operations, one program: XLA fuses them into far fewer loops, and the host calls
-#   the whole thing once per step.
+#   the whole thing once per call of several steps (a `while` loop around the step, below).
 #
-# Three design choices are visible here.
+# Four design choices are visible here.
 #
 # **Donation.** `parallel.distribute` jits the step with `donate_argnums=(0,)`: the state that goes
 # in is given to XLA, which may write the new state into the same memory. A training run never
@@ -375,6 +377,26 @@ print("same state in, same step out:",
 # learning rate is the one this step used: 0, the start of the linear warmup, so the first step
 # moves no weight; it still updates BatchNorm's running statistics and the step count.
 #
+# **Several steps per call.** `run.steps` wraps the step in a loop that runs on the device
+# (`lax.fori_loop` in `steps.train_steps_on_device_data`); the trainer makes calls of up to
+# `steps_per_call` = 16 steps, ending each on the next step where something happens (a log line,
+# an evaluation, a checkpoint). Why: every call of a compiled program gets fresh scratch memory for
+# its intermediates, and on a CPU the operating system hands it over page by page, zero-filled:
+# for MobileNet at width 1 and batch 128 that is ~0.5 GB and ~0.2 s of a ~0.4 s step. Inside one call
+# the loop reuses it (`python -m minimobile.bench --steps-per-call 1` shows the difference). The count
+# is an argument of the compiled program, so one program serves every count, and every step runs
+# the same compiled body: grouping never changes a bit of the result.
+
+# %%
+state_d, sums = run.steps(fresh_copy(), order, 2)                  # two steps in one call
+state_e = fresh_copy()
+for _ in range(2):
+    state_e, _ = run.step(state_e, order)                           # the same two steps, one call each
+print("summed over the call:", {k: round(float(v), 5) for k, v in sums.items()})
+print("two steps in one call == two calls of one step:",
+      all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state_d), jax.tree.leaves(state_e))))
+
+# %% [markdown]
 # **An axis name instead of a device count.** Under `parallel="jit"` the step's `axis_name` is
 # `None` and there is nobody to average with. Under `"pmap"` or `"mesh"` the *same* body runs once
 # per device on its share of the batch, and `axis_name="batch"` makes it average the gradients,
