@@ -374,13 +374,19 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
     return result
 
 
+def calls_phrase(steps_per_call: int) -> str:
+    if steps_per_call == Config.steps_per_call:
+        return f"{steps_per_call} steps per call, as the trainer makes them"
+    return f"{steps_per_call} step{'s' * (steps_per_call > 1)} per call (the trainer makes {Config.steps_per_call})"
+
+
 def format_table(result: dict) -> str:
     """The human-readable report: one row per implementation (and PyTorch)."""
     lines = [f"MobileNet-V1 x{result['width']}, CIFAR stem, 100 classes, batch {result['batch_size']}, "
              f"{result['dtype']}, {result['backend']} ({result['device']}, {result['cpu_count']} cores); "
              f"{result['macs_per_image'] / 1e6:.1f} M mult-adds per image forward, x{TRAIN_MACS_PER_FORWARD} per train step",
-             f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps, ours "
-             f"{result['steps_per_call']} steps per call like the trainer's; load average "
+             f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps; ours "
+             f"{calls_phrase(result['steps_per_call'])}; load average "
              f"{result['load_average_start']} -> {result['load_average_end']}",
              f"{'':22s} {'train img/s':>12s} {'(best)':>8s} {'eval img/s':>11s} {'train GMAC/s':>13s} {'compile s':>10s}"]
     rows = list(result["impls"].items()) + ([("torch " + result["torch_version"], result["torch"])]
