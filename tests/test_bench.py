@@ -19,8 +19,8 @@ WIDTH = 0.0625  # every layer of the real network, 2 to 64 channels: compiles in
 
 def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
     # feature_group_count compiles fastest; `auto` is what the trainer's own tests exercise.
-    bench.main(["--width", str(WIDTH), "--batch-size", "4", "--repeats", "1", "--steps", "1",
-                "--depthwise-impl", "feature_group_count", "--json"])
+    bench.main(["--width", str(WIDTH), "--batch-size", "4", "--repeats", "1", "--steps", "3",
+                "--steps-per-call", "2", "--depthwise-impl", "feature_group_count", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     assert "train img/s" in "\n".join(out)                    # the human-readable table comes first
     result = json.loads(out[-1])                               # and one JSON object on the last line
@@ -28,6 +28,7 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
                 "input_pipeline_images_per_sec", "macs_per_image", "depthwise_impl", "backend"):
         assert key in result, key
     assert result["depthwise_impl"] == "feature_group_count" and result["batch_size"] == 4
+    assert result["steps_per_call"] == 2 and result["steps_per_repeat"] == 3   # timed as calls of 2 + 1 steps
     assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
 
 
