@@ -34,6 +34,7 @@ from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
 from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error
+from minimobile.layers import DEPTHWISE_IMPLS
 
 
 def validate(config: Config) -> None:
@@ -395,7 +396,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--augment", choices=augment_lib.AUGMENTATIONS)
-    p.add_argument("--depthwise-impl", choices=("auto", "feature_group_count", "shift_add", "split"))
+    p.add_argument("--depthwise-impl", choices=("auto", *DEPTHWISE_IMPLS),
+                   help="auto (default): feature_group_count on GPU, shift_add_vjp on CPU")
     p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
     p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
     p.add_argument("--steps-per-call", type=int,
