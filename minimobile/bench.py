@@ -9,9 +9,9 @@
 What is timed is exactly what the trainer runs: the compiled call `train.build_run` makes from the
 default recipe at the given width and batch (CIFAR stem, 100 classes) on one device, over a dataset of
 random uint8 pictures [N, 32, 32, 3] on the device: each step gathers its batch, augments (pad-4 crop
-+ flip), normalises and steps, `--steps-per-call` steps per call (16, as the trainer) with the state
-donated from call to call. `--steps-per-call 1` times one call per step, the way an eager framework
-runs. Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps`
++ flip), normalises and steps, with as many steps per call as the trainer makes (16 on CPU for the
+default network, `steps.auto_steps_per_call`) and the state donated from call to call.
+`--steps-per-call 1` times one call per step, the way an eager framework runs. Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps`
 steps each (one call's worth by default), and we report the median. With `--compare torch` the same
 architecture in PyTorch (`torch_reference.py`: channels_last, SGD with Nesterov momentum,
 cross-entropy, as many threads as cores, one fixed batch, no augmentation) runs interleaved with ours,
@@ -43,6 +43,7 @@ from minimobile import augment as augment_lib
 from minimobile import costs
 from minimobile import data as data_lib
 from minimobile import parallel as parallel_lib
+from minimobile import steps as steps_lib
 from minimobile import train as train_lib
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
@@ -90,12 +91,12 @@ def random_dataset(num_train: int, seed: int = 0) -> data_lib.Dataset:
                             mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4))  # CIFAR-100's, near enough
 
 
-def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
-    """The trainer's compiled call and the eval forward pass; returns (train, evaluate, compile seconds).
+def jax_runners(config: Config) -> tuple[Runner, Runner, float, int]:
+    """The trainer's compiled call and the eval forward pass: (train, evaluate, compile seconds, steps per call).
 
     `train(n)` runs n steps exactly as `python -m minimobile.train` runs them on one device: the call
     `train.build_run` compiles (each step picks its batch from a uint8 dataset on the device, augments and
-    normalises it, then steps), `config.steps_per_call` steps per call, each call feeding the next its
+    normalises it, then steps), as many steps per call as the trainer makes, each call feeding the next its
     donated state (donation lets XLA update parameters and optimizer moments in place). `evaluate(n)`
     runs the eval-mode forward pass (running BatchNorm statistics) on the current state, logits only.
     """
@@ -113,7 +114,7 @@ def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
     def train(n: int) -> None:
         state = box["state"]
         while n > 0:
-            k = min(n, config.steps_per_call)
+            k = min(n, run.steps_per_call)
             state, metrics = compiled(*call_args(state, k))
             n -= k
         jax.block_until_ready(metrics)
@@ -126,7 +127,7 @@ def jax_runners(config: Config) -> tuple[Runner, Runner, float]:
 
     train(1)  # the first call also allocates; keep it out of the timings
     evaluate(1)
-    return train, evaluate, compile_s
+    return train, evaluate, compile_s, run.steps_per_call
 
 
 def input_pipeline_runner(batch_size: int, augment: str = "standard", num_images: int = 50_000) -> Runner:
@@ -318,23 +319,23 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
               steps_per_call: int = Config.steps_per_call) -> dict:
     """Runs the benchmark and returns its figures (see `main` for the printed form).
 
-    steps_per_repeat defaults to steps_per_call: each timed repeat is one call of the trainer's.
+    steps_per_call 0 (the default) makes calls as the trainer does (`steps.auto_steps_per_call`).
     """
-    steps_per_repeat = steps_per_repeat or steps_per_call
+    steps_per_repeat = steps_per_repeat or steps_lib.LOOP_STEPS_PER_CALL
     macs = costs.totals(costs.mobilenet_v1_layers(width, IMAGE_SHAPE[0], NUM_CLASSES, "cifar"))["macs"]
     threads = cpu_count()
     result = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
               "cpu_count": threads, "width": width, "batch_size": batch_size, "dtype": dtype,
               "macs_per_image": macs, "repeats": repeats, "steps_per_repeat": steps_per_repeat,
-              "steps_per_call": steps_per_call,
+              "steps_per_call_asked": steps_per_call,
               "load_average_start": round(os.getloadavg()[0], 2), "impls": {}}
     train, evaluate = {}, {}
     for impl in impls:
         config = bench_config(width, batch_size, dtype, impl, steps_per_call)
         name = resolve_depthwise_impl(impl)
         log(f"compiling the train step ({name}) ...")
-        train[name], evaluate[name], compile_s = jax_runners(config)
-        result["impls"][name] = {"compile_s": round(compile_s, 2)}
+        train[name], evaluate[name], compile_s, per_call = jax_runners(config)
+        result["impls"][name] = {"compile_s": round(compile_s, 2), "steps_per_call": per_call}
     if compare == "torch":
         log("building the PyTorch reference ...")
         train["torch"], evaluate["torch"] = torch_runners(width, batch_size, threads, dtype)
@@ -361,7 +362,8 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
 
     # The headline: the first implementation asked for (the default "auto": what training uses).
     first = result["impls"][resolve_depthwise_impl(impls[0])]
-    result.update(depthwise_impl=resolve_depthwise_impl(impls[0]), images_per_sec=first["images_per_sec"],
+    result.update(depthwise_impl=resolve_depthwise_impl(impls[0]), steps_per_call=first["steps_per_call"],
+                  images_per_sec=first["images_per_sec"],
                   eval_images_per_sec=first["eval_images_per_sec"], compile_s=first["compile_s"],
                   train_macs_per_sec=first["train_macs_per_sec"])
     if "torch" in result:
@@ -374,10 +376,10 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
     return result
 
 
-def calls_phrase(steps_per_call: int) -> str:
-    if steps_per_call == Config.steps_per_call:
-        return f"{steps_per_call} steps per call, as the trainer makes them"
-    return f"{steps_per_call} step{'s' * (steps_per_call > 1)} per call (the trainer makes {Config.steps_per_call})"
+def calls_phrase(result: dict) -> str:
+    n = result["steps_per_call"]
+    how = "as the trainer makes them" if not result["steps_per_call_asked"] else "as --steps-per-call asked"
+    return f"{n} step{'s' * (n > 1)} per call, {how}"
 
 
 def format_table(result: dict) -> str:
@@ -386,7 +388,7 @@ def format_table(result: dict) -> str:
              f"{result['dtype']}, {result['backend']} ({result['device']}, {result['cpu_count']} cores); "
              f"{result['macs_per_image'] / 1e6:.1f} M mult-adds per image forward, x{TRAIN_MACS_PER_FORWARD} per train step",
              f"median of {result['repeats']} repeats x {result['steps_per_repeat']} steps; ours "
-             f"{calls_phrase(result['steps_per_call'])}; load average "
+             f"{calls_phrase(result)}; load average "
              f"{result['load_average_start']} -> {result['load_average_end']}",
              f"{'':22s} {'train img/s':>12s} {'(best)':>8s} {'eval img/s':>11s} {'train GMAC/s':>13s} {'compile s':>10s}"]
     rows = list(result["impls"].items()) + ([("torch " + result["torch_version"], result["torch"])]
@@ -415,10 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--all-impls", action="store_true",
                    help="every implementation except 'split' (it compiles one conv per channel: minutes)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    p.add_argument("--steps", type=int, default=None, help="steps per repeat (default: --steps-per-call)")
-    p.add_argument("--steps-per-call", type=int, default=Config.steps_per_call,
-                   help=f"train steps per compiled call, as the trainer runs them (default {Config.steps_per_call}; "
-                        "1 = one call per step)")
+    p.add_argument("--steps", type=int, default=None, help="steps per repeat (default 16)")
+    p.add_argument("--steps-per-call", type=int, default=0,
+                   help="train steps per compiled call (default 0: as many as the trainer makes; 1 = one call per step)")
     p.add_argument("--compare", choices=("torch",), default=None, help="also time PyTorch, interleaved")
     p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline figure")
     p.add_argument("--per-layer", action="store_true",
@@ -437,8 +438,8 @@ def main(argv=None) -> None:
             resolve_depthwise_impl(impl)
         except ValueError as e:
             raise UserError(f"{e}.") from None
-    if args.repeats < 1 or (args.steps or 1) < 1 or args.steps_per_call < 1:
-        raise UserError("--repeats, --steps and --steps-per-call must be at least 1.")
+    if args.repeats < 1 or (args.steps or 1) < 1 or args.steps_per_call < 0:
+        raise UserError("--repeats and --steps must be at least 1, --steps-per-call at least 0 (auto).")
     if args.per_layer:
         rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps or 3, args.compare,
                          log=lambda s: print(s, flush=True))

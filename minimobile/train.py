@@ -40,13 +40,14 @@ from minimobile.layers import DEPTHWISE_IMPLS
 def validate(config: Config) -> None:
     """Reject settings that cannot work, each with one sentence saying what to change."""
     positive = {"--epochs": config.epochs if not config.steps else 1, "--width": config.width,
-                "--batch-size": config.batch_size, "--learning-rate": config.learning_rate,
-                "--steps-per-call": config.steps_per_call}
+                "--batch-size": config.batch_size, "--learning-rate": config.learning_rate}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}.")
     if config.steps < 0:
         raise UserError(f"--steps must be positive (or 0 to count in epochs), got {config.steps}.")
+    if config.steps_per_call < 0:
+        raise UserError(f"--steps-per-call must be positive (or 0 for auto), got {config.steps_per_call}.")
     if config.augment not in augment_lib.AUGMENTATIONS:
         raise UserError(f"--augment must be one of {', '.join(augment_lib.AUGMENTATIONS)}, got {config.augment!r}.")
 
@@ -173,6 +174,7 @@ class Run:
     epoch_order_fn: Any
     device_data: tuple               # train images, train labels, test images, test labels, eval rows, eval mask
     base_rng: jax.Array
+    steps_per_call: int              # the most steps the loop puts in one call (config's, or auto's)
 
     def epoch_order(self, epoch: int) -> jax.Array:
         return self.epoch_order_fn(np.int32(epoch))
@@ -223,7 +225,9 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
         learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
     eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
                                   out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
-    return Run(config, par, sched, ds, model, state, step_fn, eval_fn, epoch_order_fn, device_data, base_rng)
+    steps_per_call = config.steps_per_call or steps.auto_steps_per_call(model, image_shape)
+    return Run(config, par, sched, ds, model, state, step_fn, eval_fn, epoch_order_fn, device_data, base_rng,
+               steps_per_call)
 
 
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir: str | None = None,
@@ -310,7 +314,7 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
                        disable=hide)
 
         # Several steps per call (a loop on the device), never past the next log, evaluation or checkpoint.
-        n = sched.steps_in_call(step, config.steps_per_call)
+        n = sched.steps_in_call(step, run.steps_per_call)
         state, metrics = run.steps(state, order, n)
         pending.append(metrics)
         done = step = step + n
@@ -401,7 +405,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
     p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
     p.add_argument("--steps-per-call", type=int,
-                   help="steps one compiled call runs, as a loop on the device (default 16; results never depend on it)")
+                   help="steps per compiled call, a loop on the device (default: 16 on CPU if the network has no "
+                        "XLA convolution, else 1; results never depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (then --num-processes, --process-id)")
     p.add_argument("--num-processes", type=int)

@@ -125,6 +125,17 @@ def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bi
     assert float(summed["loss"]) == pytest.approx(sum(losses), rel=1e-6)  # metrics come back summed
 
 
+def test_auto_loops_on_cpu_only_where_the_network_has_no_xla_convolution():
+    # Inside a loop XLA:CPU runs convolutions through a slow generic emitter (6-14x slower, README), so
+    # "auto" loops the MobileNet whose convolutions are all shifts and matmuls, and not the others.
+    ds = sample_dataset()
+    per_call = lambda c: train.build_run(c, ds, parallel.setup("jit")).steps_per_call
+    assert per_call(TINY) == 16                                          # shift_add, PatchConv stem, matmuls
+    assert per_call(TINY.replace(depthwise_impl="feature_group_count")) == 1
+    assert per_call(TINY.replace(block="standard")) == 1
+    assert per_call(TINY.replace(steps_per_call=3)) == 3                 # asked for: taken as is
+
+
 def test_calls_end_on_every_step_where_something_happens():
     sched = train.Schedule(steps_per_epoch=10, total_steps=23, eval_every=10, eval_at=(7,), checkpoint_every=5,
                            log_every=4)
