@@ -380,7 +380,8 @@ print("same state in, same step out:",
 # **Several steps per call.** `run.steps` wraps the step in a loop that runs on the device
 # (`lax.fori_loop` in `steps.train_steps_on_device_data`); on a CPU the trainer makes calls of up
 # to 16 steps (`steps_per_call`), ending each on the next step where something happens (a log line,
-# an evaluation, a checkpoint). Why: every call of a compiled program gets fresh scratch memory for
+# an evaluation, a checkpoint), as long as the network has no XLA convolution, which XLA:CPU runs
+# far slower inside a loop (`steps.auto_steps_per_call`; this MobileNet has none on a CPU). Why: every call of a compiled program gets fresh scratch memory for
 # its intermediates, and on a CPU the operating system hands it over page by page, zero-filled:
 # for MobileNet at width 1 and batch 128 that is ~0.5 GB and ~0.2 s of a ~0.4 s step. Inside one call
 # the loop reuses it (`python -m minimobile.bench --steps-per-call 1` shows the difference). The count
