@@ -15,6 +15,7 @@ that one compiled program does everything a training step needs and the host onl
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 import jax
@@ -195,7 +196,7 @@ def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax
     Why a loop: every call of a compiled program gets fresh scratch memory for its intermediates. On
     CPU that is ~0.5 GB for MobileNet at batch 128, and the kernel maps and zero-fills it page by page
     (~125,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
-    step. (On a GPU the loop saves the launch latency of each call instead.) `num_steps` is a traced
+    step. (On a GPU there is little to save: see `auto_steps_per_call`.) `num_steps` is a traced
     value, so one compiled program serves every count, and every step runs the same compiled body:
     how steps are grouped into calls never changes the result, bit for bit.
 
@@ -229,20 +230,20 @@ def auto_steps_per_call(model, image_shape: tuple[int, int, int]) -> int:
         return 1
     x = jnp.zeros((1, *image_shape), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x, train=False))(x)
-    return 1 if "conv_general_dilated" in primitive_names(jaxpr.jaxpr) else LOOP_STEPS_PER_CALL
+    return 1 if primitive_counts(jaxpr.jaxpr)["conv_general_dilated"] else LOOP_STEPS_PER_CALL
 
 
-def primitive_names(jaxpr) -> set[str]:
-    """Every primitive in a jaxpr, including those of its sub-programs (jit, scan, cond, custom_vjp ...)."""
-    names = set()
+def primitive_counts(jaxpr, counts: collections.Counter | None = None) -> collections.Counter:
+    """How often each primitive occurs in a jaxpr, counting its sub-programs (jit, scan, cond, custom_vjp ...)."""
+    counts = collections.Counter() if counts is None else counts
     for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
+        counts[eqn.primitive.name] += 1
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                 if hasattr(inner, "eqns"):
-                    names |= primitive_names(inner)
-    return names
+                    primitive_counts(inner, counts)
+    return counts
 
 
 def evaluate_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,

@@ -30,7 +30,6 @@
 # (two to three minutes on 2 CPU cores, most of it the short training run).
 
 # %%
-import collections
 import dataclasses
 import os
 import pathlib
@@ -307,19 +306,7 @@ print("out: metrics      ", {k: describe(v) for k, v in metrics_shape.items()})
 # backward pass and the optimizer update, all in one place.
 
 # %%
-def count_primitives(jaxpr, counts):
-    """Tally every primitive in a jaxpr, descending into the sub-programs of jit, scan, cond, ..."""
-    for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] += 1
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)                       # ClosedJaxpr -> Jaxpr
-                if hasattr(inner, "eqns"):
-                    count_primitives(inner, counts)
-    return counts
-
-
-counts = count_primitives(jaxpr.jaxpr, collections.Counter())
+counts = steps.primitive_counts(jaxpr.jaxpr)  # every primitive, inside jit, loops, cond, ... too
 print(f"{sum(counts.values()):,} operations of {len(counts)} kinds; some of them:")
 for prim, why in [("dynamic_slice", "this step's indices, cut from the epoch's order"),
                   ("gather", "the batch's images and labels from the dataset; each example's random crop"),
