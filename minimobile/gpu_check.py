@@ -41,6 +41,7 @@ from minimobile.layers import DEPTHWISE_IMPLS  # noqa: E402
 IMPLS = tuple(i for i in DEPTHWISE_IMPLS if i != "split")
 DTYPES = ("float32", "bfloat16")
 SWEEP_BATCH_SIZES = (256, 1024, 4096)  # CIFAR images are small: 4096 is ~20 GB of activations
+CHILD_TIMEOUT_S = 180  # step 2's fresh processes: start, compile and time one configuration
 
 
 def gpu_name() -> str:
@@ -131,9 +132,11 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "minimobile.bench", "--width", str(args.width), "--batch-size",
                    str(args.batch_size), "--dtype", "bfloat16", "--repeats", str(args.repeats), "--steps",
                    str(args.steps), "--no-pipeline", "--json"]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            try:
+            try:  # a hung child must not eat the rest of a lent GPU's minutes
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
                 deterministic[flag] = json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"]
+            except subprocess.TimeoutExpired:
+                write({"what": "error", "config": label, "error": f"no result within {CHILD_TIMEOUT_S} s"})
             except (IndexError, ValueError, KeyError):
                 write({"what": "error", "config": label, "error": (out.stderr or out.stdout)[-500:]})
         if len(deterministic) == 2:

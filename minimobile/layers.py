@@ -254,28 +254,51 @@ def _depthwise_input_grad(g: jax.Array, kernel: jax.Array, x_shape: tuple[int, .
 def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> jax.Array:
     """dL/dkernel: for each tap, sum over [B, H', W'] of (the input pixels it reads) * g. -> [KH, KW, 1, C].
 
-    Nine reductions over the whole batch would each write a shifted copy of x first. Instead each
-    tap's products are summed in groups of KERNEL_GRAD_FOLD rows by plain additions, which XLA fuses
-    into one loop that reads x and g once and writes 1/8 as much; a small reduction finishes the job.
-    (Much more than 8 terms and XLA splits the loop apart again.) Products and sums are float32,
-    whatever the compute dtype: the kernel gradient adds up B*H'*W' terms.
+    Products and sums are float32, whatever the compute dtype: the kernel gradient adds up B*H'*W'
+    terms. At stride 1 the taps read shifted views of one padded copy of x.
     """
-    b, h, w, c = x.shape
+    if stride > 1:
+        return _depthwise_kernel_grad_strided(x, g, kernel_shape, stride)
     kh, kw = kernel_shape[:2]
-    ho, wo = g.shape[1:3]
-    xp = pad_same(x, (kh, kw), stride)
+    h, w = g.shape[1:3]
+    xp = pad_same(x, (kh, kw), 1)
+    g = g.astype(jnp.float32)
+    products = [_tap_view(xp, di, dj, 1, h, w).astype(jnp.float32) * g for di in range(kh) for dj in range(kw)]
+    return _sum_per_tap(products).reshape(kernel_shape)
+
+
+def _depthwise_kernel_grad_strided(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> jax.Array:
+    """dL/dkernel for stride > 1, from the input's phases: tap d reads phase p shifted by t, so its
+    products pair phase p with g shifted back by t (g is s*s times smaller than x: shifting it, not
+    the input, is ~20 % faster on CPU than strided views of a padded input). -> [KH, KW, 1, C].
+    """
+    rows, cols = _tap_phases(x.shape[1], kernel_shape[0], stride), _tap_phases(x.shape[2], kernel_shape[1], stride)
+    xs = _phases(x, stride).astype(jnp.float32)                        # [B, H', s, W', s, C]
+    g = g.astype(jnp.float32)
+    products = [xs[:, :, p, :, q] * _shift(_shift(g, -shift_i, 1), -shift_j, 2)
+                for p, shift_i in rows for q, shift_j in cols]
+    return _sum_per_tap(products).reshape(kernel_shape)
+
+
+def _sum_per_tap(products: list[jax.Array]) -> jax.Array:
+    """[KH*KW] x [B, H', W', C] -> [KH*KW, C]: each tap's products summed over batch and space.
+
+    Nine reductions over the whole batch would each write a shifted copy of x first (XLA's fast
+    reduction kernels take no slices). Instead each tap first folds KERNEL_GRAD_FOLD groups of rows
+    together by plain additions, which XLA fuses into one loop that reads x and g once and writes 1/8
+    as much; one small reduction finishes. (Much more than 8 terms and XLA splits the loop apart again.)
+    """
+    b, ho, wo, c = products[0].shape
     rows = b * ho
     fold = next(f for f in (KERNEL_GRAD_FOLD, 4, 2, 1) if rows % f == 0)
     sums = []
-    for di in range(kh):
-        for dj in range(kw):
-            product = _tap_view(xp, di, dj, stride, ho, wo).astype(jnp.float32) * g.astype(jnp.float32)
-            product = product.reshape(fold, rows // fold, wo, c)   # [fold, B*H'/fold, W', C]: a free reshape
-            partial = product[0]
-            for i in range(1, fold):
-                partial = partial + product[i]                     # elementwise: stays in one fused loop
-            sums.append(partial)
-    return jnp.sum(jnp.stack(sums), axis=(1, 2)).reshape(kernel_shape)  # [9, rows/fold, W', C] -> [3, 3, 1, C]
+    for product in products:
+        product = product.reshape(fold, rows // fold, wo, c)     # [fold, B*H'/fold, W', C]: a free reshape
+        partial = product[0]
+        for i in range(1, fold):
+            partial = partial + product[i]                      # elementwise: stays in one fused loop
+        sums.append(partial)
+    return jnp.sum(jnp.stack(sums), axis=(1, 2))               # [9, rows/fold, W', C] -> [9, C]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
