@@ -304,7 +304,7 @@ save(fig, "05_share_of_time.png")
 # Nothing can raise a depthwise layer's intensity; the best an implementation can do is move
 # exactly the minimum: read each input value once, write each output value once, and keep the
 # nine-fold reuse of each input (every input pixel feeds nine outputs) inside the cache. Then its
-# time is its bytes divided by the bandwidth. Here are the three JAX implementations at one layer
+# time is its bytes divided by the bandwidth. Here are the JAX implementations at one layer
 # shape, forward and forward + backward (the backward pass of a depthwise layer is two more
 # depthwise-like operations: one for the input's gradient, one for the kernel's), and a pointwise
 # layer of the same size for scale, which does 14 times the mult-adds.
@@ -317,7 +317,8 @@ dw_kernel = jax.random.normal(kw, (3, 3, 1, C))       # [3, 3, 1, C]
 pw_kernel = jax.random.normal(kw, (1, 1, C, C))       # [1, 1, C, C]
 
 candidates = {"split": layers.depthwise_conv_split, "feature_group_count": layers.depthwise_conv_grouped,
-              "shift_add": layers.depthwise_conv_shift_add, "pointwise 1x1 (reference)": lambda x, w: conv(x, w)}
+              "shift_add": layers.depthwise_conv_shift_add, "shift_add_vjp": layers.depthwise_conv_shift_add_vjp,
+              "pointwise 1x1 (reference)": lambda x, w: conv(x, w)}
 kernels = {name: pw_kernel if name.startswith("pointwise") else dw_kernel for name in candidates}
 results = {}
 for name, fn in candidates.items():
@@ -348,13 +349,13 @@ for yi, f, b in zip(y, fwd, both):
 ax.set_yticks(y, names)
 ax.invert_yaxis()
 ax.set(xscale="log", xlabel="milliseconds, best of several runs (log scale)",
-       title=f"Depthwise 3x3 on [{B}, {H}, {H}, {C}], three ways ({jax.default_backend().upper()})")
+       title=f"Depthwise 3x3 on [{B}, {H}, {H}, {C}], four ways ({jax.default_backend().upper()})")
 ax.set_xlim(right=ax.get_xlim()[1] * 5)
 ax.legend(fontsize=8, loc="lower right")
 save(fig, "05_depthwise_impls.png")
 
 # %% [markdown]
-# ![Forward and forward+backward times of three depthwise implementations and a pointwise layer](figures/05_depthwise_impls.png)
+# ![Forward and forward+backward times of four depthwise implementations and a pointwise layer](figures/05_depthwise_impls.png)
 #
 # What each implementation does about memory traffic:
 #
@@ -368,10 +369,17 @@ save(fig, "05_depthwise_impls.png")
 # * **`shift_add`** writes the layer as what it is, nine per-channel multiply-adds of shifted views.
 #   XLA fuses all nine into one loop that reads each input once (the neighbouring reads hit the
 #   cache) and writes each output once: the minimum traffic, at a rate of the order of the memory's
-#   bandwidth, which is as fast as a depthwise layer can go. Its backward pass is slower than its forward (the
-#   kernel's gradient is nine sums over the whole batch, and the input's gradient scatters nine
-#   shifted copies back), but still several times faster than the alternatives. It is the default on
-#   CPU (`layers.resolve_depthwise_impl`).
+#   bandwidth, which is as fast as a depthwise layer can go. Its backward pass, left to autodiff, is
+#   much slower than its forward: the input's gradient becomes nine zero-padded copies of the output
+#   gradient added up, and the kernel's gradient nine reductions that each first copy a shifted input.
+# * **`shift_add_vjp`** (the default on CPU, `layers.resolve_depthwise_impl`) keeps that forward and
+#   writes the backward by hand (`jax.custom_vjp`): the input's gradient is itself a depthwise
+#   convolution of the output gradient with the kernel flipped (one fused loop again), and the
+#   kernel's gradient is nine multiply-and-sum loops. Those nine are now the most expensive part of
+#   the layer: each one is a full pass over both the input and the output gradient, and XLA has no
+#   way to compute all nine sums in one pass (that would be one loop with nine outputs). A profile
+#   of the CPU train step (`jax.profiler.trace`) shows one such tap costing about as much as the
+#   whole forward pass of its layer.
 #
 # Beyond one layer, the only way to do better is to move fewer bytes in total: keep the depthwise
 # output in cache and feed it straight to the pointwise layer (and fold BatchNorm and ReLU6 into the
