@@ -439,7 +439,7 @@ def main(argv=None) -> None:
             resolve_depthwise_impl(impl)
         except ValueError as e:
             raise UserError(f"{e}.") from None
-    if args.repeats < 1 or (args.steps or 1) < 1 or args.steps_per_call < 0:
+    if args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.steps_per_call < 0:
         raise UserError("--repeats and --steps must be at least 1, --steps-per-call at least 0 (auto).")
     if args.per_layer:
         rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps or 3, args.compare,

@@ -164,26 +164,24 @@ def _tap_view(xp: jax.Array, di: int, dj: int, stride: int, ho: int, wo: int) ->
 KERNEL_GRAD_FOLD = 8  # how many rows one fused loop adds up before the final reduction (see below)
 
 
-def _shift(v: jax.Array, offset: int, axis: int) -> jax.Array:
-    """out[i] = v[i + offset] along `axis`, zero where i + offset falls outside v. Same shape as v."""
-    if offset == 0:
-        return v
-    n = v.shape[axis]
-    pads = [(0, 0)] * v.ndim
-    if offset > 0:
-        v, pads[axis] = lax.slice_in_dim(v, offset, n, axis=axis), (0, offset)
-    else:
-        v, pads[axis] = lax.slice_in_dim(v, 0, n + offset, axis=axis), (-offset, 0)
-    return jnp.pad(v, pads)
+def _shift_hw(v: jax.Array, di: int, dj: int) -> jax.Array:
+    """v: [B, H, W, C] -> out[:, i, j] = v[:, i + di, j + dj], zero where that falls outside v. Same shape."""
+    _, h, w, _ = v.shape
+    v = v[:, max(di, 0):h + min(di, 0), max(dj, 0):w + min(dj, 0)]
+    return jnp.pad(v, ((0, 0), (max(-di, 0), max(di, 0)), (max(-dj, 0), max(dj, 0)), (0, 0)))
 
 
-def _tap_phases(size: int, kernel: int, stride: int) -> list[tuple[int, int]]:
-    """For each tap d of a SAME stride-s filter along one axis: (phase, shift) of the input it reads.
+def _tap_phases(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int
+                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """For each tap d of a SAME stride-s filter, per spatial axis: (phase, shift) of the input it reads.
 
-    Output pixel i reads input pixel s*i + d - before = s*(i + shift) + phase.
+    Output pixel i reads input pixel s*i + d - before = s*(i + shift) + phase. Returns (rows, cols):
+    the list for the taps along H and the list for the taps along W.
     """
-    before = same_padding(size, kernel, stride)[0]
-    return [((d - before) % stride, (d - before) // stride) for d in range(kernel)]
+    def along(size: int, kernel: int) -> list[tuple[int, int]]:
+        before = same_padding(size, kernel, stride)[0]
+        return [((d - before) % stride, (d - before) // stride) for d in range(kernel)]
+    return along(x_shape[1], kernel_shape[0]), along(x_shape[2], kernel_shape[1])
 
 
 def _phases(x: jax.Array, stride: int) -> jax.Array:
@@ -200,12 +198,12 @@ def _phases(x: jax.Array, stride: int) -> jax.Array:
 
 def _depthwise_forward_strided(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Shift-and-add for stride > 1, tap by tap from the input's phases. -> [B, H', W', C]."""
-    rows, cols = _tap_phases(x.shape[1], kernel.shape[0], stride), _tap_phases(x.shape[2], kernel.shape[1], stride)
+    rows, cols = _tap_phases(x.shape, kernel.shape, stride)
     xs = _phases(x, stride)                                            # [B, H', s, W', s, C]
     out = None
     for di, (p, shift_i) in enumerate(rows):
         for dj, (q, shift_j) in enumerate(cols):
-            view = _shift(_shift(xs[:, :, p, :, q], shift_i, 1), shift_j, 2)  # x[s*(i+si)+p, s*(j+sj)+q]
+            view = _shift_hw(xs[:, :, p, :, q], shift_i, shift_j)  # x[s*(i+si)+p, s*(j+sj)+q]
             term = view * kernel[di, dj, 0].astype(x.dtype)
             out = term if out is None else out + term
     return out
@@ -219,12 +217,12 @@ def _depthwise_input_grad_strided(g: jax.Array, kernel: jax.Array, x_shape: tupl
     """
     b, h, w, c = x_shape
     ho, wo = g.shape[1:3]
-    rows, cols = _tap_phases(h, kernel.shape[0], stride), _tap_phases(w, kernel.shape[1], stride)
+    rows, cols = _tap_phases(x_shape, kernel.shape, stride)
     kernel = kernel.astype(g.dtype)
     phases = [[jnp.zeros_like(g) for _ in range(stride)] for _ in range(stride)]  # a phase no tap reads: 0
     for di, (p, shift_i) in enumerate(rows):
         for dj, (q, shift_j) in enumerate(cols):
-            phases[p][q] = phases[p][q] + _shift(_shift(g, -shift_i, 1), -shift_j, 2) * kernel[di, dj, 0]
+            phases[p][q] = phases[p][q] + _shift_hw(g, -shift_i, -shift_j) * kernel[di, dj, 0]
     grid = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H', s, W', s, C]
     return grid.reshape(b, ho * stride, wo * stride, c)[:, :h, :w]
 
@@ -272,10 +270,10 @@ def _depthwise_kernel_grad_strided(x: jax.Array, g: jax.Array, kernel_shape: tup
     products pair phase p with g shifted back by t (g is s*s times smaller than x: shifting it, not
     the input, is ~20 % faster on CPU than strided views of a padded input). -> [KH, KW, 1, C].
     """
-    rows, cols = _tap_phases(x.shape[1], kernel_shape[0], stride), _tap_phases(x.shape[2], kernel_shape[1], stride)
+    rows, cols = _tap_phases(x.shape, kernel_shape, stride)
     xs = _phases(x, stride).astype(jnp.float32)                        # [B, H', s, W', s, C]
     g = g.astype(jnp.float32)
-    products = [xs[:, :, p, :, q] * _shift(_shift(g, -shift_i, 1), -shift_j, 2)
+    products = [xs[:, :, p, :, q] * _shift_hw(g, -shift_i, -shift_j)
                 for p, shift_i in rows for q, shift_j in cols]
     return _sum_per_tap(products).reshape(kernel_shape)
 
