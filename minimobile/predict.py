@@ -39,7 +39,10 @@ def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "lates
     config, info = load_run_config(workdir)
     model = steps.build_model(config, info["num_classes"])
     tx = steps.make_optimizer(config, lambda step: config.learning_rate)
-    state = jax.jit(lambda: steps.create_train_state(jax.random.key(0), model, tx, tuple(info["image_shape"])))()
+    # Only the shapes are needed to read a checkpoint back: no parameters are initialised (or compiled).
+    abstract = jax.eval_shape(lambda: steps.create_train_state(jax.random.key(0), model, tx, tuple(info["image_shape"])))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract)
     checkpoints = Checkpoints(workdir)
     try:
         state, _ = restore(checkpoints, state, which)

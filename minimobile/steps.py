@@ -30,7 +30,7 @@ from minimobile import data as data_lib
 from minimobile.config import Config
 from minimobile.errors import UserError
 from minimobile.layers import resolve_depthwise_impl
-from minimobile.model import MobileNetV1
+from minimobile.model import MobileNetV1, jit_init
 
 
 class TrainState(train_state.TrainState):
@@ -117,8 +117,17 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
                        image_shape: tuple[int, int, int]) -> TrainState:
     """Initial parameters, BatchNorm statistics and optimizer state (jit this: it is one XLA program)."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables.get("batch_stats", {}), tx=tx)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables.get("batch_stats", {}), tx=tx)
+    # An int32 step, as a restored checkpoint has: flax's Python 0 would come out of jit weakly typed,
+    # and the train step would then compile twice, once for a fresh run and once for a resumed one.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def init_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,
+                     image_shape: tuple[int, int, int]) -> TrainState:
+    """`create_train_state`, compiled as an initialisation (see `model.jit_init`), on the default device."""
+    return jit_init(lambda rng: create_train_state(rng, model, tx, image_shape))(rng)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

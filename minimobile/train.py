@@ -206,8 +206,10 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
     model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
     tx = steps.make_optimizer(config, learning_rate_fn)
     image_shape = ds.train.images.shape[1:]
-    state = parallel.on_all_devices(
-        lambda: steps.create_train_state(jax.random.key(config.seed), model, tx, image_shape), par)()
+    # Initialised on one device and copied to all: one program for every parallel mode (compiled once,
+    # then found in the cache), and every process starts from the same numbers.
+    state = parallel.replicate(
+        jax.device_get(steps.init_train_state(jax.random.key(config.seed), model, tx, image_shape)), par)
 
     # The data goes to the devices once; every step reads its batch there.
     eval_rows = data_lib.eval_batches(len(ds.test.labels), config.batch_size)

@@ -58,8 +58,17 @@ def step_from(run, host_state):
     return float(parallel.unreplicate(metrics, run.par)["loss"]), jax.device_get(parallel.unreplicate(state, run.par))
 
 
-def assert_trees_close(a, b, tol=2e-3):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
+def assert_same_update(start, new, expected_new, tol=0.05):
+    """new - start equals expected_new - start to within `tol` of its size (over all leaves of the tree).
+
+    Not element by element: a unit that rounding pushes across ReLU6's kink changes its gradient by a
+    finite amount. Measured at the 1/16 width: the 8-device update of step 2 differs from the 1-device
+    one by 1 % of its size (0.0036 in one element of 0.08), steps 1 and 3 by 1e-5; with ReLU6 swapped
+    for a smooth function, all three steps agree to 1e-4.
+    """
+    size = lambda t: np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(t)))
+    error = size(jax.tree.map(np.subtract, new, expected_new))
+    assert error <= tol * size(jax.tree.map(np.subtract, expected_new, start)), error
 
 
 def test_jit_pmap_and_mesh_steps_compute_the_same_update():
@@ -68,18 +77,18 @@ def test_jit_pmap_and_mesh_steps_compute_the_same_update():
     # statistics across devices, so only float summation order differs.
     # Each step starts from the 1-device run's state: after a step or two this tiny network amplifies
     # a rounding difference 100-1000x per step (measured: a 1e-13 nudge of the parameters grows to
-    # 2e-8 in three float64 steps), so independent chains drift apart although every step agrees,
-    # and even one step's float32 rounding can reach 1e-4 in a parameter: hence the tolerance 2e-3.
-    # (The bug this test was written for, gradients summed instead of averaged over 8 devices, moved
-    # parameters by 100 %.)
+    # 2e-8 in three float64 steps), so independent chains drift apart although every step agrees;
+    # and one step's float32 rounding can move a unit across ReLU6's kink (see assert_same_update).
+    # (The bug this test was written for, gradients summed instead of averaged over 8 devices, makes
+    # the update about 8 times too large: off by some 700 %, against the 5 % allowed.)
     states, losses = reference_chain()
     for mode in ("pmap", "mesh"):
         run = train.build_run(GENTLE.replace(parallel=mode), sample_dataset(), parallel.setup(mode))
         for k in range(len(losses)):
             loss, state = step_from(run, states[k])
             assert loss == pytest.approx(losses[k], rel=1e-5), (mode, k)
-            assert_trees_close(state.params, states[k + 1].params)
-            assert_trees_close(state.batch_stats, states[k + 1].batch_stats)
+            assert_same_update(states[k].params, state.params, states[k + 1].params)
+            assert_same_update(states[k].batch_stats, state.batch_stats, states[k + 1].batch_stats)
             assert int(state.step) == k + 1
 
 
@@ -104,9 +113,8 @@ def test_two_processes_with_two_devices_each_compute_the_same_update(tmp_path):
     got = np.load(out)
     np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
     for k in range(len(losses)):
-        expected = jax.tree.leaves(states[k + 1].params)
-        for i, leaf in enumerate(expected):
-            np.testing.assert_allclose(got[f"params_{k}_{i}"], leaf, rtol=2e-3, atol=2e-3)
+        new = [got[f"params_{k}_{i}"] for i in range(len(jax.tree.leaves(states[k].params)))]
+        assert_same_update(jax.tree.leaves(states[k].params), new, jax.tree.leaves(states[k + 1].params))
 
 
 def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bit():

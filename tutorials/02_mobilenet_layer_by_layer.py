@@ -250,7 +250,7 @@ WIDTH = 0.5                        # half of every layer's channels: a few times
 STEPS = 2 if QUICK else 100        # full mode: 10 epochs of batches of 100
 cifar_net = MobileNetV1(width=WIDTH, stem="cifar", num_classes=100)
 tx = optax.adam(2e-3)
-state = jax.jit(lambda rng: steps.create_train_state(rng, cifar_net, tx, (32, 32, 3)))(jax.random.key(0))
+state = steps.init_train_state(jax.random.key(0), cifar_net, tx, (32, 32, 3))
 train_step = jax.jit(steps.train_step)
 
 order_rng = np.random.default_rng(0)

@@ -105,7 +105,7 @@ N_STEPS = 2 if QUICK else 5
 rng = jax.random.key(1)        # dropout's key; this model has no dropout, so it changes nothing here
 
 tx = optax.sgd(0.1, momentum=0.9)
-state = jax.jit(lambda key: steps.create_train_state(key, TinyMobileNet(), tx, (32, 32, 3)))(jax.random.key(0))
+state = steps.init_train_state(jax.random.key(0), TinyMobileNet(), tx, (32, 32, 3))
 print("parameters:", sum(x.size for x in jax.tree.leaves(state.params)))
 
 # %% [markdown]
