@@ -12,6 +12,7 @@ import pathlib
 import sys
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -22,6 +23,27 @@ def state_to_tree(state) -> dict[str, Any]:
     """The arrays of a TrainState (its functions are rebuilt from the config, not saved)."""
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state}
+
+
+def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's handler for a tree of arrays, told how to write a replicated array on CPU.
+
+    By default orbax copies a replicated array to the host from all of its replicas at once, a slice
+    from each device: on GPUs and across hosts that spreads the copies out. CPU devices share one
+    memory, so there it only adds a slicing program per array and device (with 8 CPU devices a save of
+    the 1/16-width network took 1.2 s that way, 0.4 s whole).
+    """
+    if jax.default_backend() != "cpu":
+        return ocp.PyTreeCheckpointHandler()
+    whole = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, whole)))
+
+
+def _restore_args(state) -> ocp.args.PyTreeRestore:
+    """Read back into `state`'s structure, shapes, dtypes and shardings (arrays or ShapeDtypeStructs)."""
+    tree = state_to_tree(state)
+    return ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
 
 
 class Checkpoints:
@@ -37,7 +59,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True)
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_arrays_handler())
         except OSError as e:
             raise UserError(f"cannot write checkpoints to {self.directory} ({e.strerror or e}); "
                             "choose a writable --workdir.") from None
@@ -48,7 +70,7 @@ class Checkpoints:
     def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
         """Start writing (asynchronously: training goes on while the files are written)."""
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state_to_tree(state)), metrics=metrics, force=True)
+            self.manager.save(step, args=ocp.args.PyTreeSave(state_to_tree(state)), metrics=metrics, force=True)
         except OSError as e:
             self._lost_write(step, e)
 
@@ -70,7 +92,7 @@ class Checkpoints:
 
         `state` is a freshly initialised TrainState: it gives the structure, shapes and shardings.
         """
-        target = ocp.args.StandardRestore(state_to_tree(state))
+        target = _restore_args(state)
         for step in reversed(self.steps()):
             try:
                 tree = self.manager.restore(step, args=target)
@@ -92,7 +114,7 @@ class Checkpoints:
         return self.manager.best_step()
 
     def restore(self, step: int, state):
-        tree = self.manager.restore(step, args=ocp.args.StandardRestore(state_to_tree(state)))
+        tree = self.manager.restore(step, args=_restore_args(state))
         return state.replace(**tree)
 
     def close(self) -> None:
