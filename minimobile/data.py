@@ -19,6 +19,7 @@ because it can be read with TFDS's data sources, which do not import TensorFlow 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import shutil
 import socket
@@ -196,6 +197,15 @@ def _remove_new(root: pathlib.Path, before: set[pathlib.Path]) -> None:
             path.unlink()
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
 def _read_split(builder, split: str, label_key: str) -> Split:
     """One split as numpy arrays, read without TensorFlow when the files allow it."""
     import tensorflow_datasets as tfds
@@ -206,9 +216,15 @@ def _read_split(builder, split: str, label_key: str) -> Split:
     else:  # tfrecord, e.g. a dir prepared by an older TFDS or by `tfds build`: needs TensorFlow
         examples = tfds.as_numpy(builder.as_dataset(split=split))
     images, labels = [], []
-    for example in examples:  # one at a time: about 10 s for all of CIFAR, once per run
-        images.append(example["image"])
-        labels.append(example[label_key])
+    # TFDS warns on every run that OpenCV would decode faster: it would save seconds, once per run.
+    advice = _DropMessage("OpenCV is not installed")
+    logging.getLogger("absl").addFilter(advice)
+    try:
+        for example in examples:  # one at a time: about 10 s for all of CIFAR, once per run
+            images.append(example["image"])
+            labels.append(example[label_key])
+    finally:
+        logging.getLogger("absl").removeFilter(advice)
     shape = builder.info.features["image"].shape
     images = np.stack(images) if images else np.zeros((0, *shape), np.uint8)  # [N, H, W, 3]
     labels = np.array(labels)

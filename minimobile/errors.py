@@ -9,6 +9,7 @@ sentence to stderr and exits non-zero, instead of a 40-line traceback that hides
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -41,5 +42,16 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             # Training installs its own handler (it saves first); elsewhere Ctrl-C just stops quietly.
             print("interrupted.", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader of our output went away (`... | head`): stop quietly, as `cat` would.
+            silence_stdout()
+            sys.exit(1)
 
     return wrapped
+
+
+def silence_stdout() -> None:
+    """Send the rest of stdout to /dev/null (its reader is gone), so that no later print fails."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

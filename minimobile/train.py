@@ -33,7 +33,7 @@ from minimobile import data as data_lib
 from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
-from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error
+from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error, silence_stdout
 from minimobile.layers import DEPTHWISE_IMPLS
 
 
@@ -148,9 +148,17 @@ def make_schedule(config: Config, num_train: int) -> Schedule:
 
 
 def say(*args) -> None:
-    """Print on the first process only (every process runs this same loop)."""
+    """Print on the first process only (every process runs this same loop).
+
+    If stdout's reader has gone (`python -m minimobile.train ... | head`), training goes on: hours of
+    work are not thrown away for a closed pipe, and metrics.jsonl keeps the record.
+    """
     if jax.process_index() == 0:
-        print(*args, flush=True)
+        try:
+            print(*args, flush=True)
+        except BrokenPipeError:
+            silence_stdout()
+            print("stdout was closed; training goes on, its log is in metrics.jsonl.", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass

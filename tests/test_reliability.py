@@ -96,6 +96,17 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_within_seconds(tmp_path,
     assert saved in Checkpoints(tmp_path).steps()
 
 
+def test_a_reader_that_leaves_does_not_stop_training(tmp_path, cifar100_data_dir):
+    # `python -m minimobile.train ... | head -1`: the pipe closes after one line; the run goes on to its end.
+    proc = start(tmp_path, cifar100_data_dir)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.strip() == "stdout was closed; training goes on, its log is in metrics.jsonl."
+    assert max(Checkpoints(tmp_path).steps()) == 48 and len(eval_records(tmp_path)) == 12
+
+
 def test_the_same_seed_gives_the_same_result_twice(tmp_path):
     ds = sample_dataset()
     config = TINY.replace(epochs=1, dropout_rate=0.2, augment="seed")
