@@ -14,7 +14,6 @@ import argparse
 import json
 import pathlib
 
-
 from minimobile import parallel, report
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import Config
@@ -83,12 +82,17 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
 
 @exit_on_user_error
 def main(argv=None) -> None:
+    from minimobile.train import default_compilation_cache, use_compilation_cache
+
     p = argparse.ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
+                   help="as for train: where compiled programs are kept ('none': off; default: %(default)s)")
     args = p.parse_args(argv)
+    use_compilation_cache(args.compilation_cache)
     result = evaluate_workdir(args.workdir, args.data_dir, args.checkpoint)
     print(f"step {result['step']:,} ({args.checkpoint}): test loss {result['loss']:.4f}, "
           f"top-1 {100 * result['accuracy']:.2f} %, top-5 {100 * result['accuracy_top5']:.2f} % "

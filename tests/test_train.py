@@ -229,20 +229,25 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert Checkpoints(tmp_path).steps() == [4]
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=env)
 
 
 def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_data_dir):
-    workdir = tmp_path / "run"
+    workdir, compiled = tmp_path / "run", str(tmp_path / "compiled")
     trained = cli("minimobile.train", "--dataset", "cifar100", "--data-dir", cifar100_data_dir, "--workdir",
                   str(workdir), "--epochs", "1", "--batch-size", "16", "--width", "0.0625", "--no-progress",
-                  "--depthwise-impl", "shift_add", "--parallel", "jit")
+                  "--depthwise-impl", "shift_add", "--parallel", "jit", "--compilation-cache", compiled)
     assert trained.returncode == 0, trained.stderr
     assert "64 train / 20 test images, 100 classes; 4 steps of 16 per epoch" in trained.stdout
 
-    evaluated = cli("minimobile.evaluate", "--workdir", str(workdir), "--data-dir", cifar100_data_dir, "--json")
+    # evaluate runs the programs training compiled (the initialisation, the evaluation): it finds them
+    # in the compilation cache training filled, as JAX's compile log says.
+    evaluated = cli("minimobile.evaluate", "--workdir", str(workdir), "--data-dir", cifar100_data_dir, "--json",
+                    "--compilation-cache", compiled, env=dict(os.environ, JAX_LOG_COMPILES="1"))
     assert evaluated.returncode == 0, evaluated.stderr
+    assert "Persistent compilation cache hit for 'jit_evaluate_on_device_data'" in evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     last_eval = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
     assert result["accuracy"] == pytest.approx(last_eval["eval_accuracy"])
@@ -256,6 +261,18 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     predicted = cli("minimobile.predict", "--workdir", str(workdir), str(image))
     assert predicted.returncode == 0, predicted.stderr
     assert predicted.stdout.startswith(f"{image}: ") and predicted.stdout.count("%") == 5
+
+
+def test_an_unusable_compilation_cache_is_a_warning_not_an_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    enabled = jax.config.jax_enable_compilation_cache
+    try:
+        train.use_compilation_cache(str(blocker / "cache"))
+        assert not jax.config.jax_enable_compilation_cache  # the run goes on, compiling as without a cache
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+    assert capsys.readouterr().err.startswith(f"warning: no compilation cache in {blocker / 'cache'}")
 
 
 def test_train_help_lists_the_promised_flags():
