@@ -198,6 +198,8 @@ def _remove_new(root: pathlib.Path, before: set[pathlib.Path]) -> None:
 
 
 class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with `start`."""
+
     def __init__(self, start: str):
         super().__init__()
         self.start = start

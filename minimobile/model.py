@@ -108,9 +108,9 @@ MobileNetV1_Tiny = functools.partial(MobileNetV1, width=0.0625, stem="cifar", nu
 def jit_init(fn, **jit_kwargs):
     """`jax.jit` for an initialisation: a program that runs once per run.
 
-    Most of its compile time is XLA optimising the random number generator of each of the ~30
-    parameters (on 2 CPU cores: 5.8 s for the 1/16-width network, 2.4 s without the optimisation
-    passes), to save microseconds of a single run. So on CPU it is compiled unoptimised; the numbers
+    Most of its compile time is XLA optimising the random number generator of each of the 28
+    randomly initialised kernels (on 2 CPU cores: 5.8 s for the 1/16-width network, 2.4 s without the
+    optimisation passes), to save microseconds of a single run. So on CPU it is compiled unoptimised; the numbers
     it draws are the same up to rounding in the last bit. (GPUs keep XLA's defaults: not measured there.)
     """
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
