@@ -274,23 +274,24 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
 
     writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
     stop = StopRequest()
-    final: dict[str, Any] = {}
-    try:
-        with stop.installed():
-            state, final, last_checkpoint = _loop(run, state, start, checkpoints, writer, stop, progress)
-        if stop:
-            name = signal.Signals(stop.signal).name
-            say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
-                "rerun the same command to resume from there.")
-            raise SystemExit(128 + stop.signal)
-        if start >= sched.total_steps:
-            flag = "--steps" if config.steps else "--epochs"
-            say(f"already trained for {sched.total_steps:,} steps; pass a larger {flag} to train longer.")
-            final = run.evaluate(state)[0]
-    finally:
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
+    # The handler stays until the last checkpoint is on disk: a signal that comes after the last step
+    # cannot cut that write short, and the run, complete by then, ends normally a moment later.
+    with stop.installed():
+        try:
+            state, final, last_checkpoint, stopped = _loop(run, state, start, checkpoints, writer, stop, progress)
+            if start >= sched.total_steps:
+                flag = "--steps" if config.steps else "--epochs"
+                say(f"already trained for {sched.total_steps:,} steps; pass a larger {flag} to train longer.")
+                final = run.evaluate(state)[0]
+        finally:
+            checkpoints.wait()
+            checkpoints.close()
+            writer.close()
+    if stopped:
+        name = signal.Signals(stop.signal).name
+        say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
+            "rerun the same command to resume from there.")
+        raise SystemExit(128 + stop.signal)
     records = report.read_metrics(writer.path) if writer.path.exists() else []
     if jax.process_index() == 0 and records:
         report.plot_curves(records, work.path / "curves.png", title=f"{work.path.name}: {config.model} on {ds.name}")
@@ -301,7 +302,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
 
 def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.MetricsWriter,
           stop: StopRequest, progress: bool | None):
-    """The steps themselves. Returns (state, last eval metrics, last checkpointed step)."""
+    """The steps themselves. Returns (state, last eval metrics, last checkpointed step, stopped early?)."""
     from tqdm.auto import tqdm
 
     config, sched, par = run.config, run.sched, run.par
@@ -355,7 +356,7 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         if stop:
             checkpoints.save(done, parallel.unreplicate(state, par))
             bar.close()
-            return state, final, done
+            return state, final, done, True
 
         if sched.is_eval(done):
             final = run.evaluate(state)[0]
@@ -374,7 +375,7 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
             last_checkpoint = done
     if bar is not None:
         bar.close()
-    return state, final, last_checkpoint
+    return state, final, last_checkpoint, False
 
 
 # --------------------------------------------------------------------------------------------

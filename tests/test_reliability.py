@@ -107,6 +107,27 @@ def test_a_reader_that_leaves_does_not_stop_training(tmp_path, cifar100_data_dir
     assert max(Checkpoints(tmp_path).steps()) == 48 and len(eval_records(tmp_path)) == 12
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_lets_it_finish(tmp_path, monkeypatch):
+    # A scheduler's SIGTERM can come after the last step, while the last checkpoint is still being
+    # written: the run, complete by then, finishes the write and ends normally.
+    got_past = []  # what this test process would otherwise have died of
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got_past.append(signum))
+    wait = Checkpoints.wait
+
+    def a_signal_then_wait(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait(self)
+
+    monkeypatch.setattr(Checkpoints, "wait", a_signal_then_wait)
+    try:
+        final = train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=sample_dataset())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert got_past == [] and final["count"] == 24
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path).steps() == [4]
+
+
 def test_the_same_seed_gives_the_same_result_twice(tmp_path):
     ds = sample_dataset()
     config = TINY.replace(epochs=1, dropout_rate=0.2, augment="seed")
