@@ -66,17 +66,21 @@ class Workdir:
             raise UserError(f"cannot write to --workdir {self.path} ({e.strerror or e}); "
                             "choose a directory you can write to.") from None
 
-    def check_same_model(self, config: Config) -> None:
-        """A workdir holds one model: resuming it with other shapes would fail deep inside orbax."""
+    def check_same_model(self, config: Config) -> Config | None:
+        """A workdir holds one model: resuming it with other shapes would fail deep inside orbax.
+
+        Returns the config the workdir's run was started with, if there is one.
+        """
         saved_path = self.path / "config.json"
         if not saved_path.exists():
-            return
+            return None
         saved = Config.from_json(saved_path.read_text())
         different = [f for f in MODEL_FIELDS if getattr(saved, f) != getattr(config, f)]
         if different:
             what = ", ".join(f"{f} {getattr(saved, f)!r} there vs {getattr(config, f)!r} now" for f in different)
             raise UserError(f"--workdir {self.path} holds a run of a different model ({what}); "
                             "use a new --workdir, or the settings it was made with.")
+        return saved
 
     def save_config(self, config: Config, dataset: data_lib.Dataset) -> None:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory
@@ -250,7 +254,7 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     par = parallel.setup(config.parallel)
     parallel.check_batch_size(config.batch_size, par)
     work = Workdir(workdir)
-    work.check_same_model(config)
+    previous = work.check_same_model(config)
     ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
     run = build_run(config, ds, par)
     sched = run.sched
@@ -262,7 +266,9 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
-        longer = " (train longer)" if start % sched.steps_per_epoch == 0 and start < sched.total_steps else ""
+        # Longer than the run was started for (a larger --epochs), not merely stopped at an epoch's end.
+        planned = make_schedule(previous, len(ds.train.labels)).total_steps if previous else sched.total_steps
+        longer = " (train longer)" if sched.total_steps > planned else ""
         say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{longer}")
     start = start or 0
 

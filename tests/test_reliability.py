@@ -73,7 +73,7 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_un
     proc = start(workdir, cifar100_data_dir)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "resumed from epoch" in out
+    assert "resumed from epoch" in out and "train longer" not in out  # the same run, not a longer one
 
     assert eval_records(workdir) == eval_records(tmp_path / "reference")  # every evaluation, bit for bit
     step_a, params_a = final_params(tmp_path / "reference")
