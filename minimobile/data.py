@@ -34,6 +34,7 @@ from minimobile.errors import UserError
 
 DATASETS = ("cifar10", "cifar100")
 FILE_FORMAT = "array_record"  # random access, readable without TensorFlow (tfrecord is not)
+_READ_CHUNK = 5000  # records decoded per read: bulk reads are faster, and memory stays bounded
 _CONNECT_TIMEOUT_S = 5.0  # how long we wait to learn whether the download host answers
 
 
@@ -72,6 +73,23 @@ def load_dataset(name: str, data_dir: str | None = None, *, label_key: str = "la
     a split of any size works. With `download=False` nothing is downloaded, which is also how to use
     `tfds.testing.mock_data` (it fakes the reading, so there is nothing to prepare).
     """
+    builder = _builder(name, data_dir, label_key, download)
+    train, test = (_read(builder, name, split, label_key) for split in ("train", "test"))
+    if len(train.labels) == 0:
+        raise UserError(f"The train split of {name} in {builder.data_dir} is empty; prepare it again.")
+    mean, std = _channel_mean_std(train.images)
+    names = tuple(builder.info.features[label_key].names)
+    return Dataset(name, train, test, len(names), names, mean, std)
+
+
+def load_split(name: str, data_dir: str | None = None, split: str = "test", *, label_key: str = "label",
+               download: bool = True) -> Split:
+    """One split of `name`, as `load_dataset` reads it: for evaluating, which needs no train images."""
+    return _read(_builder(name, data_dir, label_key, download), name, split, label_key)
+
+
+def _builder(name: str, data_dir: str | None, label_key: str, download: bool):
+    """TFDS's builder of `name` in `data_dir`, prepared (downloaded first if allowed and needed)."""
     import tensorflow_datasets as tfds  # slow to import; only loading needs it
 
     if name not in DATASETS:
@@ -83,24 +101,22 @@ def load_dataset(name: str, data_dir: str | None = None, *, label_key: str = "la
         raise _corrupt(name, pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser() / name, e) from e
     if download and not _is_prepared(builder):
         _download_and_prepare(builder)
-
     features = builder.info.features
     if label_key not in features or not hasattr(features[label_key], "names"):
         labels = [k for k in features if hasattr(features[k], "names")]
         raise UserError(f"{name} has no label key {label_key!r}; choose one of {', '.join(labels)}.")
+    return builder
+
+
+def _read(builder, name: str, split: str, label_key: str) -> Split:
+    """`_read_split`, with whatever goes wrong said in one sentence."""
     try:
-        train, test = (_read_split(builder, split, label_key) for split in ("train", "test"))
+        return _read_split(builder, split, label_key)
     except Exception as e:
         if _is_prepared(builder):
             raise _corrupt(name, builder.data_dir, e) from e
         raise UserError(f"{name} is not prepared in {builder.data_dir_root}; run once with downloads "
                         "allowed, or pass --data-dir pointing to a prepared copy.") from e
-    if len(train.labels) == 0:
-        raise UserError(f"The train split of {name} in {builder.data_dir} is empty; prepare it again.")
-
-    mean, std = _channel_mean_std(train.images)
-    names = tuple(features[label_key].names)
-    return Dataset(name, train, test, len(names), names, mean, std)
 
 
 def _is_prepared(builder) -> bool:
@@ -214,7 +230,10 @@ def _read_split(builder, split: str, label_key: str) -> Split:
 
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
         source = builder.as_data_source(split=split)  # random access; decodes PNGs with PIL, not TF
-        examples = (source[i] for i in range(len(source)))
+        # Records read in bulk: 6.7 s for CIFAR's 50,000 train images against 11.1 s one by one.
+        chunks = (source.__getitems__(range(i, min(i + _READ_CHUNK, len(source))))
+                  for i in range(0, len(source), _READ_CHUNK))
+        examples = (example for chunk in chunks for example in chunk)
     else:  # tfrecord, e.g. a dir prepared by an older TFDS or by `tfds build`: needs TensorFlow
         examples = tfds.as_numpy(builder.as_dataset(split=split))
     images, labels = [], []
@@ -222,7 +241,7 @@ def _read_split(builder, split: str, label_key: str) -> Split:
     advice = _DropMessage("OpenCV is not installed")
     logging.getLogger("absl").addFilter(advice)
     try:
-        for example in examples:  # one at a time: about 10 s for all of CIFAR, once per run
+        for example in examples:  # about 8 s for all of CIFAR, once per run
             images.append(example["image"])
             labels.append(example[label_key])
     finally:
