@@ -14,7 +14,9 @@ import argparse
 import json
 import pathlib
 
-from minimobile import parallel, report
+import jax
+
+from minimobile import parallel, report, steps
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
@@ -49,31 +51,45 @@ def restore(checkpoints: Checkpoints, state, which: str):
     return checkpoints.restore(step, state), step
 
 
-def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, which: str = "latest",
-                     dataset=None) -> dict:
-    """Evaluate a run's checkpoint on its test split; writes per-class accuracy and the confusion matrix."""
+def abstract_state(config: Config, info: dict, sharding: jax.sharding.Sharding) -> steps.TrainState:
+    """A TrainState of shapes and dtypes only (`jax.ShapeDtypeStruct`s placed by `sharding`).
+
+    All a checkpoint needs to be read back: nothing is initialised, nothing compiled. The optimizer
+    is the config's, so its state has the saved structure (the learning rate does not matter here);
+    `apply_fn` is the model's, ready to evaluate.
+    """
+    model = steps.build_model(config, info["num_classes"])
+    tx = steps.make_optimizer(config, lambda step: config.learning_rate)
+    shapes = jax.eval_shape(lambda: steps.create_train_state(jax.random.key(0), model, tx, tuple(info["image_shape"])))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, which: str = "latest") -> dict:
+    """Evaluate a run's checkpoint on its test split; writes per-class accuracy and the confusion matrix.
+
+    Reads only the test split: the normalisation uses the train statistics the run saved.
+    """
     from minimobile import data as data_lib
-    from minimobile.train import build_run
+    from minimobile.train import build_evaluation
 
     workdir = pathlib.Path(workdir)
-    config, _ = load_run_config(workdir)
-    ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
+    config, info = load_run_config(workdir)
+    test = data_lib.load_split(config.dataset, data_dir, "test", label_key=config.label_key)
     par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size
-    run = build_run(config, ds, par)
     checkpoints = Checkpoints(workdir)
     try:
-        state, step = restore(checkpoints, run.state, which)
+        state, step = restore(checkpoints, abstract_state(config, info, par.sharding()), which)
     finally:
         checkpoints.close()
-    metrics, predictions = run.evaluate(state)
+    metrics, predictions = build_evaluation(config, test, info["mean"], info["std"], par)(state)
 
-    labels = ds.test.labels
-    matrix = report.confusion_matrix(labels, predictions, ds.num_classes)
-    per_class = {name: float(matrix[k, k] / max(matrix[k].sum(), 1)) for k, name in enumerate(ds.class_names)}
+    matrix = report.confusion_matrix(test.labels, predictions, info["num_classes"])
+    class_names = info["class_names"]
+    per_class = {name: float(matrix[k, k] / max(matrix[k].sum(), 1)) for k, name in enumerate(class_names)}
     out = workdir / "eval"
     out.mkdir(exist_ok=True)
     (out / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2) + "\n")
-    report.plot_confusion(matrix, list(ds.class_names), out / "confusion_matrix.png")
+    report.plot_confusion(matrix, list(class_names), out / "confusion_matrix.png")
     worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
     return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst,
             "per_class_accuracy": str(out / "per_class_accuracy.json"),

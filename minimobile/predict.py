@@ -18,7 +18,7 @@ from minimobile import augment as augment_lib
 from minimobile import steps
 from minimobile.checkpoint import Checkpoints
 from minimobile.errors import UserError, exit_on_user_error
-from minimobile.evaluate import load_run_config, restore
+from minimobile.evaluate import abstract_state, load_run_config, restore
 
 
 def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
@@ -37,15 +37,10 @@ def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
 def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "latest") -> tuple[np.ndarray, list[str]]:
     """Class probabilities [N, K] for images [N, H, W, 3] uint8, and the class names."""
     config, info = load_run_config(workdir)
-    model = steps.build_model(config, info["num_classes"])
-    tx = steps.make_optimizer(config, lambda step: config.learning_rate)
-    # Only the shapes are needed to read a checkpoint back: no parameters are initialised (or compiled).
-    abstract = jax.eval_shape(lambda: steps.create_train_state(jax.random.key(0), model, tx, tuple(info["image_shape"])))
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract)
     checkpoints = Checkpoints(workdir)
     try:
-        state, _ = restore(checkpoints, state, which)
+        state, _ = restore(checkpoints, abstract_state(config, info, one_device), which)
     finally:
         checkpoints.close()
 

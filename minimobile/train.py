@@ -166,6 +166,46 @@ def say(*args) -> None:
 
 
 @dataclasses.dataclass
+class Evaluation:
+    """The test split on the devices and its compiled evaluation: `evaluation(state)` is one call.
+
+    Each device takes its share of every batch of `rows`; `mask` marks the padding of the last batch.
+    Returns the test metrics and the top-1 prediction for every test image, in order.
+    """
+
+    config: Config
+    par: parallel.Parallel
+    labels: np.ndarray               # [N] the test labels, on the host
+    eval_fn: Any
+    images: jax.Array                # [N, H, W, 3] uint8, on the devices (all the following too)
+    device_labels: jax.Array         # [N]
+    rows: jax.Array                  # [num_batches, batch_size] indices into the split
+    mask: jax.Array                  # [num_batches, batch_size] 1 for an image, 0 for padding
+
+    def __call__(self, state) -> tuple[dict[str, float], np.ndarray]:
+        sums, predictions = self.eval_fn(state, self.images, self.device_labels, self.rows, self.mask)
+        metrics = steps.summarize_eval(parallel.to_host(sums, self.par))
+        predictions = parallel.to_host(predictions, self.par, batch_axis=1).reshape(-1)[:metrics["count"]]
+        subset = self.config.eval_subset
+        if subset:  # the report's habit: accuracy on the first N test images only
+            metrics[f"accuracy_first_{subset}"] = float(np.mean(predictions[:subset] == self.labels[:subset]))
+        return metrics, predictions
+
+
+def build_evaluation(config: Config, test: data_lib.Split, mean, std, par: parallel.Parallel) -> Evaluation:
+    """The test split sent to the devices once, and the evaluation compiled for `par`.
+
+    mean, std: the train images' per-channel statistics (0..255 scale), as the train step normalises.
+    """
+    mean, std = steps.input_normalization(config, mean, std)  # the dataset's, or the report's [-1, 1]
+    eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, mean=mean, std=std), par,
+                                  out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
+    rows, mask = data_lib.eval_batches(len(test.labels), config.batch_size)
+    on_devices = parallel.replicate((test.images, test.labels, rows, mask), par)
+    return Evaluation(config, par, test.labels, eval_fn, *on_devices)
+
+
+@dataclasses.dataclass
 class Run:
     """Everything the loop needs, built once from a config, a dataset and a device layout.
 
@@ -182,9 +222,9 @@ class Run:
     model: Any
     state: steps.TrainState          # freshly initialised, replicated for `par`
     step_fn: Any
-    eval_fn: Any
+    evaluation: Evaluation
     epoch_order_fn: Any
-    device_data: tuple               # train images, train labels, test images, test labels, eval rows, eval mask
+    device_data: tuple               # train images [N, H, W, 3] uint8, train labels [N], on the devices
     base_rng: jax.Array
     steps_per_call: int              # the most steps the loop puts in one call (config's, or auto's)
 
@@ -192,7 +232,7 @@ class Run:
         return self.epoch_order_fn(np.int32(epoch))
 
     def steps(self, state, order, n: int):
-        train_images, train_labels = self.device_data[:2]
+        train_images, train_labels = self.device_data
         count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
         return self.step_fn(state, train_images, train_labels, order, self.base_rng, count)
 
@@ -201,20 +241,14 @@ class Run:
 
     def evaluate(self, state) -> tuple[dict[str, float], np.ndarray]:
         """Test metrics and the top-1 prediction for every test image, in order."""
-        sums, predictions = self.eval_fn(state, *self.device_data[2:])
-        metrics = steps.summarize_eval(parallel.to_host(sums, self.par))
-        predictions = parallel.to_host(predictions, self.par, batch_axis=1).reshape(-1)[:metrics["count"]]
-        subset = self.config.eval_subset
-        if subset:  # the report's habit: accuracy on the first N test images only
-            metrics[f"accuracy_first_{subset}"] = float(np.mean(predictions[:subset] == self.dataset.test.labels[:subset]))
-        return metrics, predictions
+        return self.evaluation(state)
 
 
 def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> Run:
     """Model, optimizer, initial state, the data on the devices, and the compiled step and evaluation."""
     sched = make_schedule(config, len(ds.train.labels))
-    # BatchNorm averages over the same axis the step averages gradients over.
     learning_rate_fn = steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps)
+    # BatchNorm averages over the same axis the step averages gradients over.
     model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
     tx = steps.make_optimizer(config, learning_rate_fn)
     image_shape = ds.train.images.shape[1:]
@@ -224,23 +258,19 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
         jax.device_get(steps.init_train_state(jax.random.key(config.seed), model, tx, image_shape)), par)
 
     # The data goes to the devices once; every step reads its batch there.
-    eval_rows = data_lib.eval_batches(len(ds.test.labels), config.batch_size)
-    device_data = parallel.replicate(
-        (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels, *eval_rows), par)
+    device_data = parallel.replicate((ds.train.images, ds.train.labels), par)
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     epoch_order_fn = parallel.on_all_devices(
         lambda epoch: data_lib.epoch_permutation(jax.random.fold_in(data_key, epoch), len(ds.train.labels)), par)
     base_rng = parallel.on_all_devices(lambda: jax.random.fold_in(jax.random.key(config.seed), 2), par)()
 
     mean, std = steps.input_normalization(config, ds.mean, ds.std)  # the dataset's, or the report's [-1, 1]
-    norm = dict(mean=mean, std=std)
     step_fn = parallel.distribute(functools.partial(
         steps.train_steps_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
-        learning_rate_fn=learning_rate_fn, **norm), par, out_specs=(P(), P()))
-    eval_fn = parallel.distribute(functools.partial(steps.evaluate_on_device_data, **norm), par,
-                                  out_specs=(P(), P(None, parallel.AXIS)), donate_first=False)
+        learning_rate_fn=learning_rate_fn, mean=mean, std=std), par, out_specs=(P(), P()))
+    evaluation = build_evaluation(config, ds.test, ds.mean, ds.std, par)
     steps_per_call = config.steps_per_call or steps.auto_steps_per_call(model, image_shape)
-    return Run(config, par, sched, ds, model, state, step_fn, eval_fn, epoch_order_fn, device_data, base_rng,
+    return Run(config, par, sched, ds, model, state, step_fn, evaluation, epoch_order_fn, device_data, base_rng,
                steps_per_call)
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,9 +243,15 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     assert trained.returncode == 0, trained.stderr
     assert "64 train / 20 test images, 100 classes; 4 steps of 16 per epoch" in trained.stdout
 
-    # evaluate runs the programs training compiled (the initialisation, the evaluation): it finds them
-    # in the compilation cache training filled, as JAX's compile log says.
-    evaluated = cli("minimobile.evaluate", "--workdir", str(workdir), "--data-dir", cifar100_data_dir, "--json",
+    # evaluate reads only the test split (here the train files are gone), and runs the evaluation
+    # training compiled: it finds it in the compilation cache training filled, as JAX's compile log says.
+    test_only = tmp_path / "test-only"
+    shutil.copytree(cifar100_data_dir, test_only)
+    train_files = list(test_only.glob("cifar100/*/cifar100-train.*"))
+    assert train_files
+    for path in train_files:
+        path.unlink()
+    evaluated = cli("minimobile.evaluate", "--workdir", str(workdir), "--data-dir", str(test_only), "--json",
                     "--compilation-cache", compiled, env=dict(os.environ, JAX_LOG_COMPILES="1"))
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Persistent compilation cache hit for 'jit_evaluate_on_device_data'" in evaluated.stderr

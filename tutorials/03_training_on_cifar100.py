@@ -272,7 +272,7 @@ print(f"width {config.width}: {n_params:,} parameters; {run.sched.steps_per_epoc
 # %% [markdown]
 # `build_run(config, dataset, par)` does everything a run needs once: builds the model and the
 # optimizer, initialises the state, copies both splits to the device, and wraps the step and the
-# evaluation for the device layout. Training is then `run.steps(state, order, n)`: n steps in one
+# evaluation (`run.evaluation`: the test split and its compiled program) for the device layout. Training is then `run.steps(state, order, n)`: n steps in one
 # compiled call (`run.step(state, order)` is one of them). What goes in and what comes out? Tracing
 # the call with `jax.make_jaxpr` answers without running anything:
 
@@ -463,8 +463,8 @@ print("wrote", FIGURES / "03_learning_curves.png")
 #
 # The trained state comes back from the run's checkpoint (`run.state`, kept intact above, gives
 # its structure). The augmented test images are whole numbers in float32, so we store them as
-# uint8 (exactly) and swap them into the `Run` in place of the clean ones: the evaluation program
-# sees arrays of the same shape and type, and does not compile again.
+# uint8 (exactly) and swap them into the run's `Evaluation` in place of the clean ones: the
+# evaluation program sees arrays of the same shape and type, and does not compile again.
 
 # %%
 checkpoints = Checkpoints(workdir)
@@ -477,8 +477,7 @@ print(f"step {trained_step}: clean test accuracy {100 * clean['accuracy']:.1f} %
 
 def correct_on(images: np.ndarray) -> np.ndarray:
     """Which test images the trained model gets right, with `images` in place of the clean ones: [200] bool."""
-    device_data = (*run.device_data[:2], parallel.replicate(images, par), *run.device_data[3:])
-    _, predictions = dataclasses.replace(run, device_data=device_data).evaluate(trained)
+    _, predictions = dataclasses.replace(run.evaluation, images=parallel.replicate(images, par))(trained)
     return predictions == ds.test.labels
 
 
