@@ -21,6 +21,7 @@ import math
 import pathlib
 import signal
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -454,26 +455,44 @@ FLAGS = {  # flag -> Config field; every one overrides the recipe
 }
 
 
+def recipes_help() -> str:
+    """--help's last part: what each recipe sets, as the flags that would set it."""
+    differ = [flag for flag, field in FLAGS.items() if len({getattr(c, field) for c in RECIPES.values()}) > 1]
+    lines = ["recipes (--recipe NAME; a flag given overrides the recipe's value; config.py says why each):"]
+    for name, c in RECIPES.items():
+        shown = [flag for flag in differ if flag != ("--epochs" if c.steps else "--steps")]
+        values = " ".join(f"{flag}\0{getattr(c, FLAGS[flag])}" for flag in shown)  # \0: never split the pair
+        text = f"{name}: {c.model}, {c.optimizer} ({c.schedule} learning rate), {values}"
+        lines += [line.replace("\0", " ") for line in
+                  textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="      ",
+                                break_on_hyphens=False)]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m minimobile.train",
-                                description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.")
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="a documented starting config")
+                                description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.",
+                                epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="a documented starting config (default: %(default)s; listed below)")
     p.add_argument("--dataset", choices=data_lib.DATASETS, help="cifar100 (default) or cifar10")
     p.add_argument("--labels", choices=("label", "coarse_label"), help="cifar100: fine (100) or coarse (20) labels")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
     p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics and figures go here; "
                    "rerunning with the same workdir resumes")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="passes over the train split (more than a finished run's: it trains on)")
     p.add_argument("--steps", type=int, help="count the run in steps instead of epochs")
     p.add_argument("--batch-size", type=int, help="global batch, split evenly across all devices")
     p.add_argument("--width", type=float, help="width multiplier alpha (1.0, 0.75, 0.5, 0.25)")
     p.add_argument("--block", choices=("separable", "standard"), help="'standard' = the full-convolution baseline")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="one seed for the initialisation, data order, augmentation and dropout")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="compute dtype (params stay float32)")
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--augment", choices=augment_lib.AUGMENTATIONS)
+    p.add_argument("--learning-rate", type=float, help="the peak learning rate (after warmup)")
+    p.add_argument("--weight-decay", type=float,
+                   help="L2 on conv and dense kernels (not depthwise kernels, BatchNorm or biases)")
+    p.add_argument("--dropout", type=float, help="dropout rate before the classifier")
+    p.add_argument("--augment", choices=augment_lib.AUGMENTATIONS,
+                   help="standard: pad-4 crop + flip; seed: the report's; none")
     p.add_argument("--depthwise-impl", choices=("auto", *DEPTHWISE_IMPLS),
                    help="auto (default): feature_group_count on GPU, shift_add_vjp on CPU")
     p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
@@ -486,8 +505,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                    help="keep compiled programs here, so that a rerun (a resume, the same config again) "
                         "starts without compiling; 'none' turns it off (default: %(default)s)")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (then --num-processes, --process-id)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    p.add_argument("--num-processes", type=int, help="multi-host: how many processes in all")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's number, 0 .. N-1")
     p.add_argument("--peer-timeout", type=int, default=60,
                    help="multi-host: seconds without a heartbeat before a peer counts as dead")
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ import pytest
 from minimobile import parallel, train
 from minimobile.assets import load_cifar100_sample
 from minimobile.checkpoint import Checkpoints
-from minimobile.config import Config
+from minimobile.config import Config, recipe
 from minimobile.data import Dataset, Split
 from minimobile.errors import TrainingDiverged, UserError
 
@@ -287,3 +287,13 @@ def test_train_help_lists_the_promised_flags():
     for flag in ("--dataset", "--data-dir", "--workdir", "--epochs", "--batch-size", "--width", "--seed",
                  "--recipe", "--dtype"):
         assert flag in out
+    # Every option says what it does, and the recipes' values are listed as the flags that set them:
+    # passing a recipe's listed flags to the default recipe gives that recipe's settings for them.
+    assert "--learning-rate LEARNING_RATE\n " in out and "--num-processes NUM_PROCESSES\n " in out
+    recipes = " ".join(out.split("recipes (")[1].split())           # the list, unwrapped
+    seed_line = recipes.split(" seed: ")[1].split(" seed-tf: ")[0]  # "mobilenet_v1, adam (...), --dataset ..."
+    flags = seed_line[seed_line.index("--"):].split()
+    config, _ = train.parse_args(flags)
+    seed = recipe("seed")
+    assert (config.epochs, config.batch_size, config.learning_rate, config.augment) == (
+        seed.epochs, seed.batch_size, seed.learning_rate, seed.augment) == (50, 4096, 1e-3, "seed")
