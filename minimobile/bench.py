@@ -411,13 +411,15 @@ def format_table(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minimobile.bench", description=__doc__.split("\n")[0])
     p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (default %(default)s)")
     p.add_argument("--depthwise-impl", default="auto",
                    help=f"auto, or one or more (comma-separated) of {', '.join(DEPTHWISE_IMPLS)}")
     p.add_argument("--all-impls", action="store_true",
                    help="every implementation except 'split' (it compiles one conv per channel: minutes)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats; the median is reported (default %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="steps per repeat (default 16)")
     p.add_argument("--steps-per-call", type=int, default=0,
                    help="train steps per compiled call (default 0: as many as the trainer makes; 1 = one call per step)")
