@@ -2,17 +2,19 @@
 
     python3 -m minimobile.gpu_check --out gpu_check.txt
 
-On one GPU it times the trainer's train step (the same as `python -m minimobile.bench`) for
+On one GPU it times the trainer's train step (the same as `python -m minimobile.bench`), most
+important first, since a lent GPU's minutes are few:
 
-  1. every depthwise implementation (except 'split', which compiles one conv per channel) in
-     float32 and bfloat16 at batch 1024, MobileNet-V1 x1.0 on 32x32 CIFAR images; the first one
-     ('feature_group_count', what 'auto' picks on GPU) interleaved with PyTorch's CUDA build on the
-     same network (channels_last; float32, and bf16 under autocast), skipped and said so when torch
-     or its CUDA is missing;
+  1. the default depthwise implementation ('feature_group_count', what 'auto' picks on GPU) in
+     float32 and bfloat16 at batch 1024, MobileNet-V1 x1.0 on 32x32 CIFAR images, interleaved with
+     PyTorch's CUDA build on the same network (channels_last; float32, and bf16 under autocast),
+     skipped and said so when torch or its CUDA is missing;
   2. what determinism costs: the default ('auto') train step in bfloat16 at batch 1024, once as it is
      and once with XLA_FLAGS=--xla_gpu_deterministic_ops=true (each in a fresh process, since XLA
      reads its flags when it starts), and the ratio of the two;
-  3. the fastest implementation of step 1 in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
+  3. every other depthwise implementation (except 'split', which compiles one conv per channel) in
+     both dtypes at the same batch;
+  4. the fastest implementation in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
 
 Each line of the output file is one measurement as JSON, then a readable table at the end; a
 partial file is still useful if the run is cut short. Budget: `--budget-s` (default 240) of
@@ -36,7 +38,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 import jax  # noqa: E402
 
 from minimobile import bench  # noqa: E402
-from minimobile.layers import DEPTHWISE_IMPLS  # noqa: E402
+from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl  # noqa: E402
 
 IMPLS = tuple(i for i in DEPTHWISE_IMPLS if i != "split")
 DTYPES = ("float32", "bfloat16")
@@ -52,6 +54,26 @@ def gpu_name() -> str:
         return out or jax.devices()[0].device_kind
     except (OSError, subprocess.SubprocessError):
         return jax.devices()[0].device_kind
+
+
+def train_in_fresh_process(args, xla_flag: str) -> float | str:
+    """Train images/s of the default step (bfloat16) in a new process with `xla_flag` added to XLA_FLAGS.
+
+    A new process because XLA reads its flags once, when it starts. Returns an error message instead
+    when the child fails or outlives CHILD_TIMEOUT_S (a hung child must not eat a lent GPU's minutes).
+    """
+    env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), xla_flag))),
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3"}  # this process already holds 0.6 of the GPU
+    cmd = [sys.executable, "-m", "minimobile.bench", "--width", str(args.width), "--batch-size", str(args.batch_size),
+           "--dtype", "bfloat16", "--repeats", str(args.repeats), "--steps", str(args.steps), "--no-pipeline", "--json"]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"no result within {CHILD_TIMEOUT_S} s"
+    try:
+        return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"])
+    except (IndexError, ValueError, KeyError):
+        return (out.stderr or out.stdout)[-500:]
 
 
 def main(argv=None) -> None:
@@ -117,34 +139,28 @@ def main(argv=None) -> None:
         if compare is None:
             write({"what": "note", "note": "no CUDA build of torch here: PyTorch comparison skipped"})
 
-        # 1. Every implementation, both dtypes, one large batch; PyTorch beside the first.
+        # 1. The default implementation, both dtypes, one large batch, PyTorch beside it.
+        default = resolve_depthwise_impl("auto")  # feature_group_count on a GPU
         for dtype in DTYPES:
-            for impl in IMPLS:
-                measure(impl, dtype, args.batch_size, compare if impl == IMPLS[0] else None)
-        # 2. The cost of deterministic GPU kernels (README, Reliability): the same step with and without.
-        deterministic = {}
-        for flag in ("", "--xla_gpu_deterministic_ops=true"):
-            label = f"auto bfloat16 batch {args.batch_size}" + (f" with {flag}" if flag else " (default flags)")
-            if over_budget(label):
-                continue
-            env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), flag))),
-                   "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3"}  # this process already holds 0.6 of the GPU
-            cmd = [sys.executable, "-m", "minimobile.bench", "--width", str(args.width), "--batch-size",
-                   str(args.batch_size), "--dtype", "bfloat16", "--repeats", str(args.repeats), "--steps",
-                   str(args.steps), "--no-pipeline", "--json"]
-            try:  # a hung child must not eat the rest of a lent GPU's minutes
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-                deterministic[flag] = json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"]
-            except subprocess.TimeoutExpired:
-                write({"what": "error", "config": label, "error": f"no result within {CHILD_TIMEOUT_S} s"})
-            except (IndexError, ValueError, KeyError):
-                write({"what": "error", "config": label, "error": (out.stderr or out.stdout)[-500:]})
-        if len(deterministic) == 2:
-            write({"what": "deterministic_ops", "batch_size": args.batch_size, "dtype": "bfloat16",
-                   "images_per_sec": deterministic[""],
-                   "deterministic_images_per_sec": deterministic["--xla_gpu_deterministic_ops=true"],
-                   "ratio": round(deterministic["--xla_gpu_deterministic_ops=true"] / deterministic[""], 3)})
-        # 3. The fastest implementation in bf16 across batch sizes.
+            measure(default, dtype, args.batch_size, compare)
+        # 2. The cost of deterministic GPU kernels (README, Reliability): the same step with and without,
+        # both or neither (one alone says nothing).
+        flags = ("", "--xla_gpu_deterministic_ops=true")
+        if not over_budget(f"auto bfloat16 batch {args.batch_size} with and without {flags[1]}"):
+            timed = {flag: train_in_fresh_process(args, flag) for flag in flags}
+            errors = {flag: r for flag, r in timed.items() if isinstance(r, str)}
+            for flag, error in errors.items():
+                write({"what": "error", "config": f"auto bfloat16 batch {args.batch_size} XLA_FLAGS+={flag!r}",
+                       "error": error})
+            if not errors:
+                write({"what": "deterministic_ops", "batch_size": args.batch_size, "dtype": "bfloat16",
+                       "images_per_sec": timed[flags[0]], "deterministic_images_per_sec": timed[flags[1]],
+                       "ratio": round(timed[flags[1]] / timed[flags[0]], 3)})
+        # 3. The other implementations, both dtypes.
+        for dtype in DTYPES:
+            for impl in (i for i in IMPLS if i != default):
+                measure(impl, dtype, args.batch_size)
+        # 4. The fastest implementation in bf16 across batch sizes.
         timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"]
         best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
         for batch_size in (int(b) for b in args.sweep.split(",")):

@@ -103,3 +103,20 @@ def test_same_weights_give_the_same_eval_logits(twins):
     with torch.no_grad():
         got = torch_model.eval()(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_section_and_writes_its_table(tmp_path):
+    # A lent GPU gives one try: this dry run on the CPU (tiny sizes, ~2 minutes) is how to know the
+    # script will get through all of it. `pytest -m slow tests/test_bench.py` before a device session.
+    from minimobile import gpu_check
+
+    out = tmp_path / "gpu_check.txt"
+    gpu_check.main(["--out", str(out), "--allow-cpu", "--width", str(WIDTH), "--batch-size", "8", "--repeats", "1",
+                    "--steps", "2", "--sweep", "4", "--budget-s", "1000"])
+    text = out.read_text()
+    rows = [json.loads(line) for line in text.split("\n\n")[0].splitlines()]
+    kinds = [r["what"] for r in rows]
+    assert "error" not in kinds and "skipped" not in kinds, rows
+    assert kinds.count("train_step") == 2 * len(gpu_check.IMPLS) + 1   # every impl x dtype, then the sweep
+    assert "deterministic_ops" in kinds and "| implementation | dtype |" in text
