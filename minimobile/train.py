@@ -83,6 +83,32 @@ class Workdir:
                             "use a new --workdir, or the settings it was made with.")
         return saved
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Only one run at a time may write here: a second would interleave its checkpoints with ours.
+
+        An OS lock (flock) on `workdir/.lock`, held while the run lasts; the OS lets it go when the
+        process ends however it ends (even SIGKILL), so no stale lock is ever left. Several processes
+        of one multi-host run share the workdir: process 0 holds the lock for all of them.
+        """
+        if jax.process_index() != 0:
+            yield
+            return
+        import fcntl  # POSIX only, like the signals the loop handles
+
+        with open(self.path / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "unknown"
+                raise UserError(f"--workdir {self.path} is in use by another training run (process {owner}); "
+                                "wait for it to end, or choose another --workdir.") from None
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield  # closing the file releases the lock
+
     def save_config(self, config: Config, dataset: data_lib.Dataset) -> None:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory
             return
@@ -285,6 +311,13 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     par = parallel.setup(config.parallel)
     parallel.check_batch_size(config.batch_size, par)
     work = Workdir(workdir)
+    with work.lock():
+        return _train(config, par, work, data_dir, dataset, progress)
+
+
+def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str | None,
+           dataset: data_lib.Dataset | None, progress: bool | None) -> dict[str, Any]:
+    """`train_and_evaluate`, once the workdir is ours."""
     previous = work.check_same_model(config)
     ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
     run = build_run(config, ds, par)

@@ -162,6 +162,22 @@ def test_an_unwritable_workdir_is_named(tmp_path, capsys):
     assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
 
 
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, cifar100_data_dir,
+                                                                                    capsys):
+    # Two runs writing checkpoints into one workdir would interleave them; the second is refused
+    # (before it reads any data), naming the first. SIGKILL gives no chance to clean up, yet the
+    # workdir is free again at once: the OS drops the lock with the process.
+    first = start(tmp_path, cifar100_data_dir)
+    wait_for_line(first, "epoch ")
+    code, err = run_main(["--workdir", str(tmp_path), "--data-dir", cifar100_data_dir, *COMMAND], capsys)
+    assert code != 0 and err == (f"error: --workdir {tmp_path} is in use by another training run (process "
+                                 f"{first.pid}); wait for it to end, or choose another --workdir.")
+    first.kill()
+    first.wait(timeout=60)
+    with train.Workdir(tmp_path).lock():
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
 def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     ds = sample_dataset()
     train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)   # step 4 is safely on disk
