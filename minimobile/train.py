@@ -54,7 +54,7 @@ def validate(config: Config) -> None:
 
 
 class Workdir:
-    """workdir/: config.json, dataset.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png."""
+    """workdir/: config.json, dataset.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png, .lock."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path).expanduser()
