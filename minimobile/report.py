@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from minimobile.errors import UserError
+
 
 class MetricsWriter:
     """Appends to workdir/metrics.jsonl and writes TensorBoard events to workdir/tensorboard."""
@@ -29,7 +31,7 @@ class MetricsWriter:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _parse(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self._write("w", "".join(line + "\n" for line in kept))
         try:
             from tensorboardX import SummaryWriter
 
@@ -40,16 +42,26 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write("a", json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key.replace("_", "/", 1), value, record["step"])
 
+    def _write(self, mode: str, text: str) -> None:
+        try:
+            with self.path.open(mode) as f:
+                f.write(text)
+        except OSError as e:  # a full disk, most likely: the checkpoints are what a resume needs
+            raise UserError(f"cannot write {self.path} ({e.strerror or e}); free some space and rerun the "
+                            "same command to resume from the last checkpoint.") from None
+
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()
+            except OSError:  # events are a nicety: never let them hide why a run stopped
+                pass
 
 
 def _parse(line: str) -> dict:

@@ -363,10 +363,14 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
             "rerun the same command to resume from there.")
         raise SystemExit(128 + stop.signal)
     records = report.read_metrics(writer.path) if writer.path.exists() else []
+    curves = work.path / "curves.png"
     if jax.process_index() == 0 and records:
-        report.plot_curves(records, work.path / "curves.png", title=f"{work.path.name}: {config.model} on {ds.name}")
+        try:
+            report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}")
+        except OSError as e:  # the run itself is complete and saved: a missing figure is no reason to fail it
+            print(f"warning: could not write {curves} ({e.strerror or e}).", file=sys.stderr)
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
-        f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {work.path / 'curves.png'}")
+        f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {curves}")
     return final
 
 

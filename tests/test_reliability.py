@@ -192,6 +192,25 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monke
     assert Checkpoints(tmp_path).steps() == [4]
 
 
+def test_a_full_disk_while_logging_stops_in_one_sentence_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    ds = sample_dataset()
+    train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)   # step 4 is safely on disk
+    real_open = pathlib.Path.open
+
+    def full_disk(self, mode="r", *args, **kwargs):  # appends to metrics.jsonl go to /dev/full: ENOSPC
+        if self.name == "metrics.jsonl" and mode == "a":
+            return open("/dev/full", "w")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl \(No space left on device\); free some "
+                                        r"space and rerun the same command to resume from the last checkpoint"):
+        train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path).steps() == [4]
+    assert train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)["count"] == 24  # and it resumes
+
+
 @pytest.mark.multiprocess
 def test_when_one_of_two_processes_dies_the_other_says_so_and_exits(tmp_path, cifar100_data_dir):
     from test_train import free_port
