@@ -147,5 +147,6 @@ def test_the_gpu_check_runs_every_section_and_writes_its_table(tmp_path):
     rows = [json.loads(line) for line in text.split("\n\n")[0].splitlines()]
     kinds = [r["what"] for r in rows]
     assert "error" not in kinds and "skipped" not in kinds, rows
-    assert kinds.count("train_step") == 2 * len(gpu_check.IMPLS) + 1   # every impl x dtype, then the sweep
-    assert "deterministic_ops" in kinds and "| implementation | dtype |" in text
+    # Every impl x dtype, the default one at the recipe's batch, then the sweep's batch.
+    assert kinds.count("train_step") == 2 * len(gpu_check.IMPLS) + 2
+    assert "deterministic_ops" in kinds and "recipe_estimate" in kinds and "| implementation | dtype |" in text
