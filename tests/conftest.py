@@ -4,7 +4,9 @@ Every test run sees 8 CPU devices, so the multi-device code paths are exercised 
 (as flax's own CI does). XLA reads this flag once, when jax is first imported, hence here, first.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -13,7 +15,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TFDS imports TensorFlow; k
 os.environ.setdefault("TFDS_DISABLE_TQDM", "1")
 # Many tests (and the subprocesses they start) compile the same tiny programs: a persistent
 # compilation cache, fresh for each test session, compiles each of them once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="minimobile-jax-cache-"))
+# Made by the first process (pytest-xdist's workers and the tests' subprocesses inherit it), and
+# removed when that process ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimobile-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
