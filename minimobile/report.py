@@ -31,7 +31,10 @@ class MetricsWriter:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _parse(line).get("step", 0) <= resume_step]
-            self._write("w", "".join(line + "\n" for line in kept))
+            # Into a new file, then renamed over the old one: a failed write cannot cost the lines kept.
+            partial = self.path.with_name(self.path.name + ".partial")
+            self._write(partial, "w", "".join(line + "\n" for line in kept))
+            partial.replace(self.path)
         try:
             from tensorboardX import SummaryWriter
 
@@ -42,18 +45,18 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._write("a", json.dumps(record) + "\n")
+        self._write(self.path, "a", json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key.replace("_", "/", 1), value, record["step"])
 
-    def _write(self, mode: str, text: str) -> None:
+    def _write(self, path: pathlib.Path, mode: str, text: str) -> None:
         try:
-            with self.path.open(mode) as f:
+            with path.open(mode) as f:
                 f.write(text)
         except OSError as e:  # a full disk, most likely: the checkpoints are what a resume needs
-            raise UserError(f"cannot write {self.path} ({e.strerror or e}); free some space and rerun the "
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space and rerun the "
                             "same command to resume from the last checkpoint.") from None
 
     def close(self) -> None:

@@ -195,19 +195,27 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monke
 def test_a_full_disk_while_logging_stops_in_one_sentence_and_keeps_the_checkpoints(tmp_path, monkeypatch):
     ds = sample_dataset()
     train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)   # step 4 is safely on disk
+    logged = (tmp_path / "metrics.jsonl").read_text()
     real_open = pathlib.Path.open
 
-    def full_disk(self, mode="r", *args, **kwargs):  # appends to metrics.jsonl go to /dev/full: ENOSPC
-        if self.name == "metrics.jsonl" and mode == "a":
-            return open("/dev/full", "w")
-        return real_open(self, mode, *args, **kwargs)
+    def disk_full_for(full_mode):  # the log's files, opened in that mode, as on a full disk
+        def patched_open(self, mode="r", *args, **kwargs):
+            if self.name.startswith("metrics.jsonl") and mode == full_mode:
+                real_open(self, mode, *args, **kwargs).close()  # opening works ("w" empties the file) ...
+                return open("/dev/full", "w")                   # ... and writing fails: ENOSPC
+            return real_open(self, mode, *args, **kwargs)
+        return patched_open
 
-    monkeypatch.setattr(pathlib.Path, "open", full_disk)
-    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl \(No space left on device\); free some "
-                                        r"space and rerun the same command to resume from the last checkpoint"):
-        train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
-    monkeypatch.undo()
-    assert Checkpoints(tmp_path).steps() == [4]
+    # A resume first rewrites the log without the lines of the steps it will redo: it must not lose
+    # the lines it keeps. Then every log step appends a line.
+    for mode in ("w", "a"):
+        monkeypatch.setattr(pathlib.Path, "open", disk_full_for(mode))
+        with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl\S* \(No space left on device\); free "
+                                            r"some space and rerun the same command to resume from the last checkpoint"):
+            train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
+        monkeypatch.undo()
+        assert Checkpoints(tmp_path).steps() == [4]
+        assert (tmp_path / "metrics.jsonl").read_text() == logged
     assert train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)["count"] == 24  # and it resumes
 
 
