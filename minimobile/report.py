@@ -33,7 +33,11 @@ class MetricsWriter:
                     if line.strip() and _parse(line).get("step", 0) <= resume_step]
             # Into a new file, then renamed over the old one: a failed write cannot cost the lines kept.
             partial = self.path.with_name(self.path.name + ".partial")
-            self._write(partial, "w", "".join(line + "\n" for line in kept))
+            try:
+                self._write(partial, "w", "".join(line + "\n" for line in kept))
+            except UserError:
+                partial.unlink(missing_ok=True)
+                raise
             partial.replace(self.path)
         try:
             from tensorboardX import SummaryWriter

@@ -216,6 +216,7 @@ def test_a_full_disk_while_logging_stops_in_one_sentence_and_keeps_the_checkpoin
         monkeypatch.undo()
         assert Checkpoints(tmp_path).steps() == [4]
         assert (tmp_path / "metrics.jsonl").read_text() == logged
+        assert not (tmp_path / "metrics.jsonl.partial").exists()
     assert train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)["count"] == 24  # and it resumes
 
 
