@@ -112,16 +112,17 @@ def main(argv=None) -> None:
                 return True
             return False
 
-        def measure(impl: str, dtype: str, batch_size: int, compare: str | None = None) -> None:
+        def measure(impl: str, dtype: str, batch_size: int, compare: str | None = None) -> dict | None:
+            """Times one configuration and writes its row; returns it (None if skipped or failed)."""
             label = f"{impl} {dtype} batch {batch_size}" + (" + torch" if compare else "")
             if over_budget(label):
-                return
+                return None
             try:
                 r = bench.benchmark(args.width, batch_size, dtype, (impl,), args.repeats, args.steps,
                                     compare=compare, pipeline=False, log=lambda s: None)
             except Exception as e:  # one failing configuration (say, out of memory) must not cost the rest
                 write({"what": "error", "config": label, "error": f"{type(e).__name__}: {e}"[:500]})
-                return
+                return None
             row = {"what": "train_step", "impl": impl, "dtype": dtype, "batch_size": batch_size,
                    "images_per_sec": r["images_per_sec"], "eval_images_per_sec": r["eval_images_per_sec"],
                    "compile_s": r["compile_s"], "train_tflops": round(2 * r["train_macs_per_sec"] / 1e12, 2)}
@@ -130,6 +131,7 @@ def main(argv=None) -> None:
                            torch_eval_images_per_sec=r["torch"]["eval_images_per_sec"],
                            torch_version=r["torch_version"])
             write(row)
+            return row
 
         if jax.default_backend() != "gpu" and not args.allow_cpu:
             write({"what": "error", "error": f"JAX sees no GPU (backend {jax.default_backend()}): nothing measured"})
@@ -148,10 +150,9 @@ def main(argv=None) -> None:
         for dtype in DTYPES:
             measure(default, dtype, args.batch_size, compare)
         # ... and as the default recipe trains (its batch, bfloat16): how long its 200 epochs take.
-        measure(default, "bfloat16", RECIPE.batch_size, compare)
-        recipe_row = rows[-1]
-        if recipe_row.get("what") == "train_step" and recipe_row["batch_size"] == RECIPE.batch_size:
-            epoch_s = (CIFAR_TRAIN / recipe_row["images_per_sec"] + CIFAR_TEST / recipe_row["eval_images_per_sec"])
+        recipe_row = measure(default, "bfloat16", RECIPE.batch_size, compare)
+        if recipe_row is not None:
+            epoch_s = CIFAR_TRAIN / recipe_row["images_per_sec"] + CIFAR_TEST / recipe_row["eval_images_per_sec"]
             write({"what": "recipe_estimate", "width": args.width, "batch_size": RECIPE.batch_size,
                    "epochs": RECIPE.epochs, "epoch_s": round(epoch_s, 2),
                    "total_min": round(RECIPE.epochs * epoch_s / 60, 1)})
