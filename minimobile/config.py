@@ -32,7 +32,7 @@ class Config:
     optimizer: str = "sgd"             # "sgd" (Nesterov momentum) or "adam"
     learning_rate: float = 0.2         # peak; 0.1 per 128 images is the classic CIFAR SGD setting
     momentum: float = 0.9
-    weight_decay: float = 5e-4         # on conv and dense kernels only; see train.decay_mask for why
+    weight_decay: float = 5e-4         # on conv and dense kernels only; see steps.decay_mask for why
     label_smoothing: float = 0.1       # softer targets: a free point of accuracy on CIFAR-100
     schedule: str = "cosine"           # "cosine" (after linear warmup) or "constant"
     warmup_epochs: float = 5.0         # large-batch SGD is unstable for the first few epochs

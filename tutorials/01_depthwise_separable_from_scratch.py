@@ -239,10 +239,11 @@ d_x, d_d = numpy_nn.depthwise_conv_backward(d_dw_out, dw_cache)   # [1, 7, 7, 3]
 print("dL/dx", d_x.shape, " dL/d(depthwise kernel)", d_d.shape, " dL/d(pointwise kernel)", d_p.shape)
 
 # %% [markdown]
-# ## Four implementations of the depthwise step
+# ## Five implementations of the depthwise step
 #
 # The depthwise step is one operation with several correct implementations, and `minimobile.layers`
-# keeps four, because comparing them is the quickest way to understand it:
+# keeps five, because comparing them is the quickest way to understand it. Four compute the
+# forward pass differently:
 #
 # | name | how |
 # |---|---|
@@ -250,6 +251,9 @@ print("dL/dx", d_x.shape, " dL/d(depthwise kernel)", d_d.shape, " dL/d(pointwise
 # | `depthwise_conv_split` | one ordinary 1-channel convolution per channel, concatenated |
 # | `depthwise_conv_grouped` | XLA's grouped convolution with `feature_group_count=C` (what `nn.Conv` does) |
 # | `depthwise_conv_shift_add` | nine shifted views, each scaled per channel, summed (as in `numpy_nn`, but in XLA) |
+#
+# A fifth, `depthwise_conv_shift_add_vjp`, has `shift_add`'s forward pass and a backward pass written
+# by hand (tutorial 5 shows why); it is what training on a CPU uses.
 #
 # The last three are JAX functions, compiled by XLA with `jax.jit`. We also time
 # `numpy_nn.depthwise_conv_forward`, the vectorised NumPy version. First, do they agree? The shape is
@@ -328,7 +332,7 @@ save(fig, "01_depthwise_timings.png")
 # launches one tiny convolution per channel and then copies the pieces together; the grouped
 # convolution is a general-purpose kernel that XLA's CPU backend handles poorly. (GPUs have dedicated
 # depthwise kernels, which is why `layers.resolve_depthwise_impl("auto")` picks `feature_group_count`
-# on a GPU and `shift_add` on a CPU.) So a compiler is not magic: how you express an operation
+# on a GPU and `shift_add_vjp`, this `shift_add` with a hand-written backward pass, on a CPU.) So a compiler is not magic: how you express an operation
 # decides what it can do with it. What XLA adds beyond speed is why the rest of this project uses it:
 # gradients by `jax.grad` instead of by hand, the whole train step compiled as one program, and the
 # same code on a GPU or on many devices (tutorial 4).

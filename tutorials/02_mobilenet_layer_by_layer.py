@@ -106,7 +106,7 @@ print(f"\nThe model and costs.py agree on all {len(rows)} layers: "
       f"{model_params / 1e6:.2f} M parameters, {model_macs / 1e6:.1f} M mult-adds.")
 
 # %% [markdown]
-# The paper reports 4.2 M parameters and 569 M mult-adds for this network: we count 4.23 M and
+# The paper reports 4.2 M parameters and 569 M mult-adds for this network: we count 4.21 M and
 # 568.7 M. As in the paper, BatchNorm's scale and shift (about 0.02 M numbers) are not counted.
 #
 # ## Where the cost is: the paper's Table 2
@@ -265,8 +265,8 @@ for step in range(STEPS):
 # %% [markdown]
 # Now one image through the trained network, keeping the output of every `ConvBN` unit (convolution,
 # BatchNorm, ReLU6): the full convolution at the start, then the depthwise and pointwise halves of
-# each block. The filter passed to `capture_intermediates` picks those modules; the rest of Flax's
-# modules (BatchNorm on its own, the pooling, the classifier) are skipped.
+# each block. The filter passed to `capture_intermediates` picks those modules; the modules inside
+# each unit (its convolution, its BatchNorm) and the classifier are skipped.
 
 # %%
 INDEX = 600                      # a bicycle: its thin, sharp edges make the early feature maps easy to read

@@ -313,8 +313,8 @@ for prim, why in [("dynamic_slice", "this step's indices, cut from the epoch's o
                   ("gather", "the batch's images and labels from the dataset; each example's random crop"),
                   ("random_bits", "the augmentation's random numbers (crop corners, flips)"),
                   ("pad", "zero padding: the crop's, and the depthwise convolutions' (see below)"),
-                  ("conv_general_dilated", "the stem's 3x3 convolution, forward, and its kernel's gradient"),
-                  ("dot_general", "13 pointwise convolutions and the classifier, forward and backward"),
+                  ("conv_general_dilated", "none on a CPU (see below); on a GPU, the depthwise layers"),
+                  ("dot_general", "13 pointwise convolutions, the classifier, the stem: forward and backward"),
                   ("rsqrt", "BatchNorm's 1 / sqrt(variance + eps), once in each of its 27 layers"),
                   ("cos", "the cosine learning-rate schedule, evaluated at state.step")]:
     print(f"  {prim:22} x{counts[prim]:<5} {why}")
@@ -328,9 +328,12 @@ print("donated inputs:", sum(outer.params["donated_invars"]), "of", len(outer.pa
 #
 # * A 1x1 convolution is a matrix multiply, and `layers.PointwiseConv` writes it as one, so each of
 #   the 13 pointwise layers and the classifier is three `dot_general`s: the forward product and the
-#   two products of its backward pass (gradients for the input and for the kernel), 14 x 3 = 42.
+#   two products of its backward pass (gradients for the input and for the kernel), 14 x 3 = 42. The
+#   stem's 3x3 convolution on 3 channels is a matrix multiply too (`layers.PatchConv`: each pixel's
+#   3x3x3 patch times the kernel), so it adds two more, forward and kernel gradient (its input, the
+#   images, needs no gradient): 44, and not one `conv_general_dilated`.
 # * The depthwise convolutions do not appear as convolutions at all. On a CPU,
-#   `depthwise_impl="auto"` picks `shift_add_vjp` (tutorial 1): pad, take nine shifted slices, multiply
+#   `depthwise_impl="auto"` picks `shift_add_vjp` (tutorials 1 and 5): pad, take nine shifted slices, multiply
 #   each by its per-channel weight, add. That is where most of the `mul`, `add`, `pad` and `slice`
 #   operations come from. On a GPU it picks XLA's grouped convolution, and they show up as
 #   `conv_general_dilated` instead.
@@ -394,7 +397,7 @@ print("two steps in one call == two calls of one step:",
 # that they agree.
 #
 # **Half the bits on a GPU.** With `dtype="auto"` a GPU computes in bfloat16 (8 bits of mantissa,
-# about 3 significant digits) while the parameters, BatchNorm's statistics and the loss stay in
+# 2 to 3 significant digits) while the parameters, BatchNorm's statistics and the loss stay in
 # float32. How far does that move the network's output? The same parameters, the same 32 images,
 # both ways, in eval mode (BatchNorm uses its running statistics) and in train mode (the batch's):
 
@@ -551,7 +554,7 @@ ax.legend(fontsize=7, loc="lower left")
 save(fig, "03_augmented_test.png")
 
 # %% [markdown]
-# ![Test accuracy of one model: clean is one number; standard- and seed-augmented test images give a spread of numbers from draw to draw, the seed ones lower](figures/03_augmented_test.png)
+# ![Test accuracy of one model: clean is one number; standard- and seed-augmented test images give a spread of numbers from draw to draw](figures/03_augmented_test.png)
 #
 # What the figure shows. The printout above has your run's numbers; on 200 images and a weak model
 # they are noisy, and the method is the point.

@@ -277,8 +277,9 @@ save(fig, "04_batchnorm_sync.png")
 # We can try this on one machine: two processes, 2 CPU devices each, talking over loopback
 # (127.0.0.1). Each runs [`two_processes.py`](two_processes.py), which does two things over the
 # 4-device mesh: a `psum` of the device positions (0 + 1 + 2 + 3 = 6 on every device), and the mean
-# and variance of a batch split between the processes, computed with `lax.pmean` exactly as
-# synchronised BatchNorm does. Each process holds only half of the data, and both get the global
+# and variance of a batch split between the processes, computed as synchronised BatchNorm
+# (`layers.BatchNorm`) does: one `lax.pmean` of each device's `[E[x], E[x^2]]`, then
+# `var = E[x^2] - E[x]^2`. Each process holds only half of the data, and both get the global
 # statistics.
 
 # %%

@@ -254,8 +254,8 @@ save(fig, "05_roofline.png")
 #
 # Read it from left to right. The depthwise layers sit far left, at 1 to 2 FLOPs per byte: even a
 # perfect implementation can only go as fast as memory delivers their data, a small fraction of the
-# peak. With `shift_add` (hollow triangles) they do reach the sloped part of the roof, between the
-# main-memory and the cache slopes (one image's maps fit in cache); with the grouped convolution
+# peak. With `shift_add` (hollow triangles) they come within about a factor of 2 of the main-memory
+# slope, a few reach it; with the grouped convolution
 # (filled triangles) they stay far below even that: those layers are limited neither by memory nor
 # by arithmetic but by the implementation. The pointwise layers sit near the ridge; they are matrix
 # multiplies, the operation hardware is built for, and they come close to the roof. The full 3x3 convolutions of the
