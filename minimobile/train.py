@@ -535,8 +535,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--parallel", choices=parallel.MODES, help="mesh (default), pmap, or jit on one device")
     p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
     p.add_argument("--steps-per-call", type=int,
-                   help="steps per compiled call, a loop on the device (default: 16 on CPU if the network has no "
-                        "XLA convolution, else 1; results never depend on it)")
+                   help="steps per compiled call, a loop on the device (default: 1 on GPU; on CPU 16 if the network "
+                        "has no XLA convolution, else 1; results never depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
                    help="keep compiled programs here, so that a rerun (a resume, the same config again) "
