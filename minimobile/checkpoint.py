@@ -3,11 +3,15 @@
 Orbax writes each checkpoint into a temporary directory and renames it into place only once every
 file is complete, so a process killed mid-write leaves no half-checkpoint that could be mistaken for
 a good one. If the newest checkpoint is damaged anyway (a disk error, a file truncated by hand), we
-fall back to the one before it, with a warning, rather than refuse to resume.
+fall back to the one before it, with a warning, rather than refuse to resume. A checkpoint that reads
+fine but holds other arrays than the run expects (another optimizer, another version of the model) is
+not damaged: it is the wrong run, so we stop and say so, and move nothing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import pathlib
 import sys
 from typing import Any
@@ -40,6 +44,48 @@ def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
         type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, whole)))
 
 
+class _NoEvaluationIsFine(logging.Filter):
+    """Drops orbax's warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+NO_EVALUATION_IS_FINE = _NoEvaluationIsFine()  # one object: adding it again is a no-op
+
+
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"opt_state/0/mu/stem/conv/kernel": shape, ...} for every array in `tree`.
+
+    Paths are spelled the same whether a level is a dict key, a named field (optax's states) or a list
+    index, because orbax's metadata keeps named fields as dict keys. Leaves without a shape (orbax's
+    entries for None) are not arrays and are left out.
+    """
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if getattr(leaf, "shape", None) is not None}
+
+
+def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """What differs between two `array_shapes`, in a few words; None if they hold the same arrays."""
+    only_saved, only_expected = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
+    reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+    arrays = lambda keys: f"{len(keys)} array{'s' if len(keys) > 1 else ''}"
+    if only_expected:
+        return f"{arrays(only_expected)} this run needs missing there, e.g. {only_expected[0]}"
+    if only_saved:
+        return f"{arrays(only_saved)} there that this run does not have, e.g. {only_saved[0]}"
+    if reshaped:
+        k = reshaped[0]
+        return f"{arrays(reshaped)} of another shape, e.g. {k} {saved[k]} there vs {expected[k]} now"
+    return None
+
+
 def _restore_args(state) -> ocp.args.PyTreeRestore:
     """Read back into `state`'s structure, shapes, dtypes and shardings (arrays or ShapeDtypeStructs)."""
     tree = state_to_tree(state)
@@ -56,8 +102,13 @@ class Checkpoints:
             policies.BestN(get_metric_fn=lambda m: m["eval_accuracy"], n=1, keep_checkpoints_without_metrics=False),
         ])
         # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step.
+        # best_fn: without it orbax neither writes the metrics to disk nor ranks by them, so a new
+        # process (a resumed run) would not know which checkpoint is the best, and would delete it.
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=True,
+                                               best_fn=lambda m: m["eval_accuracy"], best_mode="max")
+        self._set_aside_unreadable_metrics()
+        logging.getLogger("absl").addFilter(NO_EVALUATION_IS_FINE)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_arrays_handler())
         except OSError as e:
@@ -94,26 +145,66 @@ class Checkpoints:
         """
         target = _restore_args(state)
         for step in reversed(self.steps()):
+            self._check_holds_arrays_of(step, state)
             try:
                 tree = self.manager.restore(step, args=target)
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
-                # Moved aside, not deleted (someone may want to look at it), and out of the way of the
-                # new checkpoint this run will write at the same step.
-                aside = self.directory.parent / "checkpoints-unreadable" / str(step)
-                aside.parent.mkdir(exist_ok=True)
-                (self.directory / str(step)).rename(aside)
+                self._move_aside(step, type(e).__name__)
                 self.manager.reload()
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: moved to {aside}); "
-                      "falling back to the previous one.", file=sys.stderr)
                 continue
             return state.replace(**tree), step
         return state, None
 
+    def _move_aside(self, step: int | str, why: str) -> None:
+        """Moves an unreadable checkpoint to `checkpoints-unreadable/`, with a warning.
+
+        Moved, not deleted (someone may want to look at it), and out of the way of the new checkpoint
+        this run will write at the same step.
+        """
+        aside = self.directory.parent / "checkpoints-unreadable" / str(step)
+        aside.parent.mkdir(exist_ok=True)
+        copies = 0
+        while aside.exists():  # the same step was moved aside before: keep both
+            copies += 1
+            aside = aside.with_name(f"{step}.{copies}")
+        (self.directory / str(step)).rename(aside)
+        print(f"warning: checkpoint {step} is unreadable ({why}: moved to {aside}); "
+              "falling back to the previous one.", file=sys.stderr)
+
+    def _set_aside_unreadable_metrics(self) -> None:
+        """Orbax reads every checkpoint's metrics when it starts, and one damaged file stops it: move those aside."""
+        for path in sorted(self.directory.glob("*/metrics/metrics")):
+            if path.parent.parent.name.isdigit():  # a step, not a temporary directory of a killed write
+                try:
+                    json.loads(path.read_text())
+                except (OSError, ValueError):  # ValueError: not JSON, or not even text
+                    self._move_aside(path.parent.parent.name, "its metrics")
+
+    def _check_holds_arrays_of(self, step: int, state) -> None:
+        """Stop with one sentence if checkpoint `step` is readable but holds other arrays than `state`.
+
+        Such a checkpoint is not damaged, so falling back would move every good checkpoint of the
+        workdir aside and train from scratch. If even its metadata is unreadable, it is damaged: the
+        restore that follows finds out, and falls back.
+        """
+        try:
+            saved = array_shapes(self.manager.item_metadata(step))
+        except Exception:  # noqa: BLE001 - unreadable metadata: leave the verdict to the restore
+            return
+        mismatch = describe_mismatch(saved, array_shapes(state_to_tree(state)))
+        if mismatch:
+            raise UserError(f"checkpoint {step} in {self.directory} was written by another model, optimizer or "
+                            f"version of minimobile ({mismatch}); rerun with the settings in its config.json, "
+                            "or choose another --workdir.")
+
     def best_step(self) -> int | None:
-        """The step with the highest eval accuracy, if any checkpoint has one."""
-        return self.manager.best_step()
+        """The step with the highest eval accuracy among the checkpoints saved with one (ties: the later)."""
+        scored = {step: metrics["eval_accuracy"] for step in self.steps()
+                  if "eval_accuracy" in (metrics := self.manager.metrics(step) or {})}
+        return max(scored, key=lambda step: (scored[step], step)) if scored else None
 
     def restore(self, step: int, state):
+        self._check_holds_arrays_of(step, state)
         tree = self.manager.restore(step, args=_restore_args(state))
         return state.replace(**tree)
 

@@ -65,9 +65,11 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-# Fields that decide what the parameters *mean*: a workdir written with other values cannot be resumed.
+# Fields that decide what the saved state *means* (the parameters, and the optimizer's state beside
+# them): a workdir written with other values cannot be resumed. The learning rate, the schedule, the
+# epochs can change on a resume; an optimizer cannot (SGD's momentum is not Adam's moments).
 MODEL_FIELDS = ("dataset", "label_key", "model", "width", "stem", "block", "depth_multiplier", "batch_norm",
-                "normalization")
+                "normalization", "optimizer")
 
 
 RECIPES: dict[str, Config] = {

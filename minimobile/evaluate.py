@@ -31,6 +31,9 @@ def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
     except FileNotFoundError:
         raise UserError(f"{workdir} holds no training run (no config.json); train one first with "
                         f"`python -m minimobile.train --workdir {workdir}`.") from None
+    except (OSError, ValueError) as e:  # a file for a workdir, a damaged config.json, ...
+        raise UserError(f"cannot read the run in {workdir} ({getattr(e, 'strerror', None) or e}); "
+                        "check --workdir.") from None
     return config, info
 
 
@@ -44,8 +47,14 @@ def restore(checkpoints: Checkpoints, state, which: str):
         if step is None:
             raise UserError(f"no readable checkpoint in {checkpoints.directory}; retrain or restore a backup.")
         return restored, step
-    step = checkpoints.best_step() if which == "best" else int(which)
-    if step is None or step not in available:
+    if which == "best":
+        step = checkpoints.best_step()
+        if step is None:
+            raise UserError(f"no checkpoint in {checkpoints.directory} has an evaluation yet, so none is best; "
+                            "use --checkpoint latest.")
+    else:
+        step = int(which) if which.isdigit() else None
+    if step not in available:
         raise UserError(f"no checkpoint {which!r} in {checkpoints.directory}; available steps: "
                         f"{', '.join(map(str, available))} (or 'latest', 'best').")
     return checkpoints.restore(step, state), step

@@ -54,7 +54,9 @@ def validate(config: Config) -> None:
 
 
 class Workdir:
-    """workdir/: config.json, dataset.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png, .lock."""
+    """workdir/: config.json, dataset.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png, .lock;
+    and, when they happen, checkpoints-unreadable/ (damaged ones, moved aside), logs/ (one per process
+    of a multi-host run) and eval/ (`python -m minimobile.evaluate`)."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path).expanduser()
@@ -79,7 +81,7 @@ class Workdir:
         different = [f for f in MODEL_FIELDS if getattr(saved, f) != getattr(config, f)]
         if different:
             what = ", ".join(f"{f} {getattr(saved, f)!r} there vs {getattr(config, f)!r} now" for f in different)
-            raise UserError(f"--workdir {self.path} holds a run of a different model ({what}); "
+            raise UserError(f"--workdir {self.path} holds a run of a different model or optimizer ({what}); "
                             "use a new --workdir, or the settings it was made with.")
         return saved
 
@@ -322,11 +324,11 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
     run = build_run(config, ds, par)
     sched = run.sched
-    work.save_config(config, ds)
 
     # Resume from the newest readable checkpoint, if any.
     checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
+    work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
     state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
@@ -339,7 +341,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     dropped = len(ds.train.labels) % config.batch_size
     say(f"{ds.name}: {len(ds.train.labels):,} train / {len(ds.test.labels):,} test images, {ds.num_classes} classes; "
         f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
-        + (f" (the last {dropped} of each epoch's shuffled order wait for the next epoch)" if dropped else "")
+        + (f" (the last {dropped} of each epoch's shuffled order are skipped; the next epoch reshuffles)"
+           if dropped else "")
         + f"; {sched.total_steps:,} steps on {par.num_shards} {jax.default_backend()} device(s), {config.parallel}.")
 
     writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
@@ -351,7 +354,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
             state, final, last_checkpoint, stopped = _loop(run, state, start, checkpoints, writer, stop, progress)
             if start >= sched.total_steps:
                 flag = "--steps" if config.steps else "--epochs"
-                say(f"already trained for {sched.total_steps:,} steps; pass a larger {flag} to train longer.")
+                say(f"already trained for {start:,} steps; pass a larger {flag} to train longer.")
                 final = run.evaluate(state)[0]
         finally:
             checkpoints.wait()
@@ -556,6 +559,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 @exit_on_user_error
 def main(argv=None) -> None:
     config, args = parse_args(argv)
+    hosts = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in hosts) and not (None not in hosts and 0 <= args.process_id < args.num_processes):
+        raise UserError("a run of several processes needs all of --coordinator HOST:PORT, --num-processes N and "
+                        "--process-id I (0 <= I < N), the same coordinator and N on every host.")
     if args.coordinator and not watchdog.is_child():  # see watchdog.py: a dead peer becomes one sentence
         sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
                                       args.process_id, args.peer_timeout))

@@ -216,10 +216,26 @@ def test_impossible_settings_end_in_one_sentence(tmp_path, change, message):
         train.train_and_evaluate(TINY.replace(**change), tmp_path, dataset=sample_dataset())
 
 
-def test_a_workdir_of_another_model_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(TINY.replace(width=0.5).to_json())
-    with pytest.raises(UserError, match="holds a run of a different model .*width 0.5 there vs 0.0625 now"):
+@pytest.mark.parametrize("saved, message", [
+    (dict(width=0.5), "width 0.5 there vs 0.0625 now"),
+    (dict(optimizer="adam"), "optimizer 'adam' there vs 'sgd' now"),   # SGD's momentum is not Adam's moments
+])
+def test_a_workdir_of_another_model_or_optimizer_is_refused(tmp_path, saved, message):
+    (tmp_path / "config.json").write_text(TINY.replace(**saved).to_json())
+    with pytest.raises(UserError, match=f"holds a run of a different model or optimizer .*{message}"):
         train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
+
+
+def test_checkpoints_of_another_optimizer_state_are_refused_and_the_workdir_is_left_as_it_was(tmp_path):
+    # Adam with weight decay is AdamW, whose state holds one more array than Adam's: config.json's
+    # fields agree (optimizer 'adam' both), the checkpoints do not. Nothing may change in the workdir.
+    adam = TINY.replace(optimizer="adam", weight_decay=0.0, learning_rate=1e-3, epochs=1)
+    train.train_and_evaluate(adam, tmp_path, dataset=sample_dataset())
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(UserError, match="checkpoint 4 in .* was written by another model, optimizer or version"):
+        train.train_and_evaluate(adam.replace(weight_decay=1e-4, epochs=2), tmp_path, dataset=sample_dataset())
+    assert (tmp_path / "config.json").read_text() == before and Checkpoints(tmp_path).steps() == [4]
+    assert not (tmp_path / "checkpoints-unreadable").exists()
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

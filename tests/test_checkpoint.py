@@ -1,0 +1,107 @@
+"""Checkpoints: 'best' means the best evaluation, and the wrong run's checkpoints are refused, never moved.
+
+A small state of the trainer's shape (step, params, BatchNorm statistics, an optax state) keeps these
+checks to a second: what is tested is the bookkeeping around orbax, not the network.
+"""
+
+from typing import Any
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from minimobile.checkpoint import Checkpoints
+from minimobile.errors import UserError
+
+
+@flax.struct.dataclass
+class State:
+    """The four things a TrainState saves (checkpoint.state_to_tree), nothing else."""
+    step: Any
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_state(step: int, value: float, optimizer=optax.sgd(0.1, momentum=0.9)) -> State:
+    params = {"conv": {"kernel": jnp.full((3, 3, 1, 4), value)}, "bn": {"scale": jnp.ones(4)}}
+    return State(step=jnp.array(step, jnp.int32), params=params,
+                 batch_stats={"bn": {"mean": jnp.zeros(4)}}, opt_state=optimizer.init(params))
+
+
+def save_all(directory, accuracies: dict[int, float], keep: int = 3) -> None:
+    """One checkpoint per step, its params filled with the step number, saved with its eval accuracy."""
+    checkpoints = Checkpoints(directory, keep=keep)
+    for step, accuracy in accuracies.items():
+        checkpoints.save(step, make_state(step, float(step)), {"eval_accuracy": accuracy})
+    checkpoints.wait()
+    checkpoints.close()
+
+
+def test_best_is_the_checkpoint_with_the_highest_eval_accuracy_and_outlives_later_runs(tmp_path):
+    save_all(tmp_path, {1: 0.50, 2: 0.90, 3: 0.20})
+    checkpoints = Checkpoints(tmp_path)
+    assert checkpoints.best_step() == 2                    # not the latest, 3
+    restored = checkpoints.restore(2, make_state(0, 0.0))
+    assert int(restored.step) == 2 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 2.0)
+    checkpoints.close()
+    # A resumed run (a new process, so only what is on disk counts) keeps the last 3 and the best.
+    save_all(tmp_path, {4: 0.30, 5: 0.40, 6: 0.10})
+    assert Checkpoints(tmp_path).steps() == [2, 4, 5, 6] and Checkpoints(tmp_path).best_step() == 2
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_in_one_sentence_and_nothing_is_moved(tmp_path):
+    # SGD's momentum and Adam's two moments are different arrays: the checkpoint is fine, the run is wrong.
+    save_all(tmp_path, {1: 0.5, 2: 0.6})
+    checkpoints = Checkpoints(tmp_path)
+    with pytest.raises(UserError, match=r"checkpoint 2 .* was written by another model, optimizer or version .*"
+                                        r"arrays this run needs missing there, e.g. opt_state/0/"):
+        checkpoints.restore_latest(make_state(0, 0.0, optimizer=optax.adam(1e-3)))
+    assert checkpoints.steps() == [1, 2] and not (tmp_path / "checkpoints-unreadable").exists()
+    # Another shape (a wider model) is named with both shapes.
+    wider = make_state(0, 0.0).replace(params={"conv": {"kernel": jnp.zeros((3, 3, 1, 8))}, "bn": {"scale": jnp.ones(4)}})
+    wider = wider.replace(opt_state=optax.sgd(0.1, momentum=0.9).init(wider.params))
+    with pytest.raises(UserError, match=r"e.g. opt_state/0/trace/conv/kernel \(3, 3, 1, 4\) there vs \(3, 3, 1, 8\) now"):
+        checkpoints.restore_latest(wider)
+    # The right state still restores the latest, untouched.
+    restored, step = checkpoints.restore_latest(make_state(0, 0.0))
+    assert step == 2 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 2.0)
+
+
+# After a failed read, orbax's I/O threads may still post to an event loop it has closed: noise.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damaged", ["every file", "the array data only"])
+def test_a_damaged_checkpoint_is_moved_aside_beside_one_moved_before(tmp_path, damaged):
+    # Every file: even the metrics, which orbax reads when it starts. The array data only: the
+    # checkpoint still lists the right arrays, and only reading them fails.
+    save_all(tmp_path, {1: 0.5, 2: 0.6})
+    (tmp_path / "checkpoints-unreadable" / "2").mkdir(parents=True)  # an earlier run's damaged step 2
+    for f in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and (damaged == "every file" or f.parent.name == "d"):
+            f.write_bytes(b"\0" * 7)
+    checkpoints = Checkpoints(tmp_path)
+    restored, step = checkpoints.restore_latest(make_state(0, 0.0))
+    checkpoints.close()
+    assert step == 1 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 1.0)
+    assert sorted(p.name for p in (tmp_path / "checkpoints-unreadable").iterdir()) == ["2", "2.1"]
+
+
+def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choices(tmp_path):
+    from minimobile.evaluate import load_run_config, restore
+
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save(4, make_state(4, 4.0))                      # saved without an evaluation (a SIGTERM save)
+    checkpoints.wait()
+    for which, message in [("bset", r"no checkpoint 'bset' .* available steps: 4 \(or 'latest', 'best'\)"),
+                           ("7", r"no checkpoint '7' .* available steps: 4"),
+                           ("best", r"no checkpoint .* has an evaluation yet, so none is best; use --checkpoint latest")]:
+        with pytest.raises(UserError, match=message):
+            restore(checkpoints, make_state(0, 0.0), which)
+    checkpoints.close()
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(UserError, match="cannot read the run in .*; check --workdir"):
+        load_run_config(tmp_path)
+    with pytest.raises(UserError, match="cannot read the run in .*; check --workdir"):
+        load_run_config(tmp_path / "config.json")                # a file given as the workdir
