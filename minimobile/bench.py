@@ -163,16 +163,22 @@ def input_pipeline_runner(batch_size: int, augment: str = "standard", num_images
 # --------------------------------------------------------------------------------------------
 
 
+def import_torch():
+    """PyTorch, or one sentence saying how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--compare torch needs PyTorch: pip install 'minimobile[torch]'.") from None
+    return torch
+
+
 def torch_runners(width: float, batch_size: int, threads: int, dtype: str = "float32") -> tuple[Runner, Runner]:
     """PyTorch's train step and eval forward for the same network, channels_last.
 
     On the GPU when JAX is on one and torch has CUDA, else on the CPU with `threads` threads. bfloat16
     runs under `torch.autocast`, PyTorch's usual mixed precision (float32 weights, bf16 compute).
     """
-    try:
-        import torch
-    except ImportError as e:
-        raise UserError("--compare torch needs PyTorch: pip install 'minimobile[torch]'.") from e
+    torch = import_torch()
     from minimobile import torch_reference
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
@@ -243,7 +249,7 @@ def layer_runners(kind: str, c_in: int, c_out: int, stride: int, height: int, ba
     grad = jax.jit(jax.grad(loss, argnums=0 if kind == "full" else (0, 1)))
     runners = {"jax": lambda n: jax.block_until_ready([grad(variables["params"], x) for _ in range(n)])}
     if torch_threads is not None:
-        import torch
+        torch = import_torch()
         from minimobile import torch_reference
         torch.set_num_threads(torch_threads)
         layer = torch_reference.ConvBN(c_in, c_out, 3 if kind != "pointwise" else 1, stride,
@@ -423,13 +429,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every implementation except 'split' (it compiles one conv per channel: minutes)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed repeats; the median is reported (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="steps per repeat (default 16)")
+    p.add_argument("--steps", type=int, default=None, help="steps per repeat (default 16; 3 with --per-layer)")
     p.add_argument("--steps-per-call", type=int, default=0,
                    help="train steps per compiled call (default 0: as many as the trainer makes; 1 = one call per step)")
     p.add_argument("--compare", choices=("torch",), default=None, help="also time PyTorch, interleaved")
     p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline figure")
     p.add_argument("--per-layer", action="store_true",
-                   help="instead, time each layer's forward + backward (conv, BatchNorm, ReLU6) on its own")
+                   help="instead, time each layer's forward + backward (conv, BatchNorm, ReLU6) on its own, "
+                        "in float32")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     return p.parse_args(argv)
 
@@ -447,6 +454,8 @@ def main(argv=None) -> None:
     if args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.steps_per_call < 0:
         raise UserError("--repeats and --steps must be at least 1, --steps-per-call at least 0 (auto).")
     if args.per_layer:
+        if args.dtype != "float32":
+            raise UserError("--per-layer times float32 layers only; drop --dtype.")
         rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps or 3, args.compare,
                          log=lambda s: print(s, flush=True))
         print(format_per_layer(rows))

@@ -309,7 +309,7 @@ def shard_slice(indices: jax.Array, num_shards: int, shard: int | jax.Array) -> 
     """The contiguous [B / num_shards] block of a global batch that shard (device) number `shard` holds.
 
     Concatenating all shards in order gives back `indices`. `shard` may be traced, e.g.
-    `lax.axis_index("data")` inside `shard_map`; with several processes, a device's global shard
+    `lax.axis_index("batch")` inside `shard_map`; with several processes, a device's global shard
     number is its position among all devices, so each process gathers only its own part.
     """
     batch_size = indices.shape[0]

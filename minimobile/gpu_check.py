@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="steps per timed repeat")
-    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 3")
+    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 4")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
     p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
     args = p.parse_args(argv)

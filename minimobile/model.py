@@ -101,7 +101,7 @@ MobileNetV1_075 = functools.partial(MobileNetV1, width=0.75)
 MobileNetV1_050 = functools.partial(MobileNetV1, width=0.5)
 MobileNetV1_025 = functools.partial(MobileNetV1, width=0.25)
 MobileNetV1_CIFAR = functools.partial(MobileNetV1, stem="cifar", num_classes=100)
-# For tests only: every layer of the real network, 1/16 of the channels (2 to 64), about 10 k params.
+# For tests only: every layer of the real network, 1/16 of the channels (2 to 64), about 17 k params.
 MobileNetV1_Tiny = functools.partial(MobileNetV1, width=0.0625, stem="cifar", num_classes=10)
 
 

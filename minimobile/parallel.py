@@ -10,8 +10,8 @@ The step functions in `steps.py` are written for *one* device's share of the bat
           of the batch by `lax.axis_index`, so nothing is copied per step.
 
 Several hosts: launch one process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
-(or the variables your cluster sets; `jax.distributed.initialize()` reads SLURM's and others itself);
-`jax.devices()` then lists every device of every process, and the mesh spans them all.
+(on a cluster, from the values its scheduler gives each task); `jax.devices()` then lists every device
+of every process, and the mesh spans them all.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
         raise UserError(f"no image at {path}; check the path.") from None
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read (try PNG or JPEG).") from None
+    except OSError as e:  # a directory, no permission, a truncated file
+        raise UserError(f"cannot read {path} ({e.strerror or e}).") from None
 
 
 def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "latest") -> tuple[np.ndarray, list[str]]:

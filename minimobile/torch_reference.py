@@ -102,9 +102,10 @@ def load_flax_variables(module: MobileNetV1, variables: dict) -> None:
         put(module.classifier.bias, params["classifier"]["bias"])
 
 
-def make_train_step(module: MobileNetV1, learning_rate: float = 0.1, momentum: float = 0.9,
+def make_train_step(module: MobileNetV1, learning_rate: float = 0.2, momentum: float = 0.9,
                     weight_decay: float = 5e-4, label_smoothing: float = 0.1, autocast_dtype=None):
-    """One step of our default recipe (`steps.train_step` with `config.Config()`): returns step(x, y) -> loss.
+    """One step of our default recipe (`steps.train_step` with `config.Config()`, at its peak learning
+    rate): returns step(x, y) -> loss.
 
     SGD with Nesterov momentum, weight decay on conv and linear weights except the depthwise ones
     (`steps.decay_mask`), cross-entropy with label smoothing. `autocast_dtype=torch.bfloat16` runs the

@@ -148,6 +148,8 @@ def run_main(argv, capsys):
     (["--epochs", "-3"], "error: --epochs must be positive"),
     (["--width", "0"], "error: --width must be positive"),
     (["--batch-size", "12", "--parallel", "mesh"], "error: --batch-size 12 does not split evenly across 8 devices"),
+    (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
 ])
 def test_bad_input_ends_in_one_sentence_and_a_nonzero_exit(tmp_path, capsys, argv, message):
     code, err = run_main(["--workdir", str(tmp_path / "w"), *argv], capsys)

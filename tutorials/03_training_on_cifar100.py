@@ -143,7 +143,7 @@ print("mean", np.round(ds.mean, 1), "std", np.round(ds.std, 1), "(0..255 scale)"
 # %%
 perm = data_lib.epoch_permutation(jax.random.key(0), 10)
 print("epoch order       ", perm)
-print("steps per epoch   ", data_lib.steps_per_epoch(10, 4), "(10 // 4: 2 examples wait for the next epoch)")
+print("steps per epoch   ", data_lib.steps_per_epoch(10, 4), "(10 // 4: 2 examples are skipped, other ones each epoch)")
 for step in range(data_lib.steps_per_epoch(10, 4)):
     batch_idx = data_lib.train_batch_indices(perm, step, 4)
     shards = [data_lib.shard_slice(batch_idx, 2, d) for d in range(2)]
