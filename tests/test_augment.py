@@ -29,6 +29,7 @@ def test_flipping_twice_is_the_identity(images):
     np.testing.assert_array_equal(augment.flip_horizontal(augment.flip_horizontal(image)), image)
     np.testing.assert_array_equal(augment.flip_vertical(augment.flip_vertical(image)), image)
     np.testing.assert_array_equal(augment.flip_horizontal(image), image[:, ::-1])  # left-right, not up-down
+    np.testing.assert_array_equal(augment.flip_vertical(image), image[::-1])        # up-down, not left-right
 
 
 def test_rotation_by_zero_is_the_identity(images):
@@ -96,6 +97,51 @@ def test_standard_is_a_crop_of_the_padded_image_maybe_mirrored(images):
         assert plain or mirrored
         flipped += mirrored and not plain
     assert 0 < flipped < len(images)  # about half are mirrored
+
+
+def test_standard_crops_reach_all_81_corners_evenly_and_mirror_half_the_time():
+    # An image that says where each pixel came from: channel 0 is its row + 1, channel 1 its column
+    # + 1 (0 is the padding). The output's pixels (16, 16) and (16, 17) then give the crop's corner
+    # and whether it was mirrored; over 8,100 examples, each of the (2 * 4 + 1) ** 2 corners should
+    # come up ~100 times (a chi-square test) and about half the examples should be mirrored.
+    rows, cols = np.meshgrid(np.arange(32) + 1, np.arange(32) + 1, indexing="ij")
+    where = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)    # [32, 32, 3]
+    n = 8100
+    out = np.asarray(augment.augment_batch(keys(n, seed=3), np.broadcast_to(where, (n, 32, 32, 3)), "standard"))
+    mirrored = out[:, 16, 17, 1] < out[:, 16, 16, 1]
+    top = out[:, 16, 16, 0] - 1 - 12                                  # output row 16 = input row 12 + top
+    left = out[:, 16, 16, 1] - 1 - np.where(mirrored, 11, 12)         # mirrored: output column 16 = crop's 15
+    counts = np.zeros((9, 9))
+    np.add.at(counts, (top.astype(int), left.astype(int)), 1)
+    assert counts.min() > 0 and counts.sum() == n                     # every corner, and only those
+    chi2 = ((counts - n / 81) ** 2 / (n / 81)).sum()                  # 80 degrees of freedom: mean 80, sd 12.6
+    assert chi2 < 150, chi2
+    assert abs(mirrored.mean() - 0.5) < 0.03                          # sd of the rate: 0.0056
+
+
+def test_seed_recipe_is_torchvisions_compose_step_by_step():
+    # The report's transforms, as torchvision runs them on a PIL image: RandomHorizontalFlip(0.5),
+    # RandomRotation(15), RandomVerticalFlip(0.15), RandomRotation(15); each rotation is PIL's
+    # Image.rotate(angle, NEAREST) with black corners. Our random draws are taken from the same keys
+    # the recipe splits (hflip, angle, vflip, angle), so a wrong probability, angle range or order shows.
+    Image = pytest.importorskip("PIL.Image")
+    from minimobile.assets import load_cifar100_sample
+    images = load_cifar100_sample()["image"][:64]
+    example_keys = keys(len(images), seed=4)
+    out = np.asarray(augment.augment_batch(example_keys, images, "seed")).astype(np.uint8)
+    vflips = 0
+    for key, image, result in zip(example_keys, images, out):
+        hflip, angle1, vflip, angle2 = jax.random.split(key, 4)
+        picture = Image.fromarray(image)
+        if jax.random.uniform(hflip) < 0.5:
+            picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
+        picture = picture.rotate(float(jax.random.uniform(angle1, minval=-15, maxval=15)), resample=Image.NEAREST)
+        if jax.random.uniform(vflip) < 0.15:
+            picture, vflips = picture.transpose(Image.FLIP_TOP_BOTTOM), vflips + 1
+        picture = picture.rotate(float(jax.random.uniform(angle2, minval=-15, maxval=15)), resample=Image.NEAREST)
+        # Pixels whose source falls exactly between two may round the other way (see the PIL test above).
+        assert (np.asarray(picture) == result).all(-1).mean() > 0.97
+    assert 0 < vflips < len(images) / 2  # some flipped upside down, far from half
 
 
 def test_seed_recipe_only_moves_pixels_and_adds_black(images):
