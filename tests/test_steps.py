@@ -1,0 +1,117 @@
+"""What one train step and one evaluation compute, against the formulas written out by hand.
+
+The other tests show that the step is the same under jit, pmap and a mesh, and the same after a
+resume; these show that it is the *right* step: the loss with smoothed targets, SGD with Nesterov
+momentum, weight decay on the kernels the paper says, the learning rate the recipe names, and an
+evaluation that counts top-1, top-5 and the loss as NumPy does, padding excluded.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from minimobile import parallel, steps, train
+from minimobile.config import Config, recipe
+from minimobile.data import Split
+
+from test_train import TINY, sample_dataset
+
+
+def normalised(images, dataset) -> np.ndarray:
+    """(x - mean) / std per channel, in NumPy: [N, H, W, 3] uint8 -> float32."""
+    return ((images.astype(np.float32) - np.float32(dataset.mean)) / np.float32(dataset.std)).astype(np.float32)
+
+
+def log_softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_padding():
+    # 24 test images in batches of 16: the second batch is half padding. An untrained network gets
+    # about nothing right, so the labels are chosen from its own logits: 8 images labelled with their
+    # top class, 8 with their 3rd (top-5, not top-1), 8 with their last (neither).
+    ds = sample_dataset()
+    run = train.build_run(TINY, ds, parallel.setup("jit"))
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    apply = jax.jit(lambda variables, x: run.model.apply(variables, x, train=False))
+    logits = np.asarray(apply(variables, normalised(ds.test.images, ds)))                 # [24, 100]
+    ranked = np.argsort(-logits, axis=-1)
+    labels = np.concatenate([ranked[:8, 0], ranked[8:16, 2], ranked[16:, -1]]).astype(np.int32)
+
+    evaluation = train.build_evaluation(TINY, Split(ds.test.images, labels), ds.mean, ds.std, run.par)
+    metrics, predictions = evaluation(run.state)
+    expected_loss = -log_softmax(logits)[np.arange(24), labels].mean()
+    assert metrics["count"] == 24
+    assert metrics["accuracy"] == pytest.approx(8 / 24) and metrics["accuracy_top5"] == pytest.approx(16 / 24)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    np.testing.assert_array_equal(predictions, ranked[:, 0])
+
+
+def flat(tree) -> dict:
+    return {"/".join(path): np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_and_dense_kernels_only():
+    # By hand: targets t = (1 - a) * onehot + a / K; loss = mean over the batch of -sum(t * log_softmax);
+    # g = its gradient (jax.grad: the differentiation is not what is tested here, the formula is);
+    # d = g + wd * w on the decayed kernels; from zero momentum, Nesterov's update is d + m * d;
+    # w' = w - lr * (1 + m) * d.
+    config = TINY.replace(augment="none", schedule="constant", label_smoothing=0.1, weight_decay=5e-4,
+                          momentum=0.9, learning_rate=0.05)
+    ds = sample_dataset()
+    run = train.build_run(config, ds, parallel.setup("jit"))
+    before = jax.device_get(run.state)
+    order = run.epoch_order(0)
+    after, metrics = run.step(jax.tree.map(jnp.copy, run.state), order)
+
+    batch = np.asarray(order)[:config.batch_size]                      # step 0 takes the first batch
+    x, y = normalised(ds.train.images[batch], ds), ds.train.labels[batch]
+    k, a = ds.num_classes, config.label_smoothing
+    targets = (1 - a) * jax.nn.one_hot(y, k) + a / k
+
+    def loss_fn(params):
+        logits, _ = run.model.apply({"params": params, "batch_stats": before.batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+        return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(before.params)
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+
+    # The paper (section 4): little or no weight decay on the depthwise filters; none on BatchNorm or
+    # biases either. Decayed: the stem's conv, the 13 pointwise convs and the classifier's kernel.
+    weights, gradients = flat(before.params), flat(grads)
+    decayed = {p for p in weights if p.endswith("/kernel") and p.split("/")[0] in ("stem", "classifier")
+               or p.endswith("/pointwise/pointwise/kernel")}
+    assert len(decayed) == 1 + 13 + 1 and not any("depthwise/kernel" in p for p in decayed)
+    m = config.momentum
+    for path, w in weights.items():
+        d = gradients[path] + (config.weight_decay * w if path in decayed else 0.0)
+        expected = w - config.learning_rate * (1 + m) * d
+        got = flat(jax.device_get(after.params))[path]
+        # float32: the new weight may round to either neighbour (a BatchNorm scale near 1 moves by 1e-5).
+        tolerance = 1e-4 * np.abs(expected - w).max() + 2 * np.spacing(np.abs(w).max().astype(np.float32))
+        assert np.abs(got - expected).max() <= tolerance, path
+
+
+def test_the_default_recipe_warms_up_for_5_epochs_then_decays_as_a_cosine_to_zero():
+    # CIFAR-100's 50,000 images in batches of 256: 195 steps an epoch, 975 of warmup, 39,000 in all.
+    config = recipe("default")
+    spe, total = 50_000 // 256, 200 * (50_000 // 256)
+    schedule = steps.learning_rate_schedule(config, spe, total)
+    warmup, peak = 5 * spe, 0.2
+    by_hand = {0: 0.0, warmup // 2: peak * (warmup // 2) / warmup, warmup: peak,
+               (warmup + total) // 2: peak * 0.5 * (1 + np.cos(np.pi * ((warmup + total) // 2 - warmup) / (total - warmup))),
+               total: 0.0}
+    for step, lr in by_hand.items():
+        assert float(schedule(step)) == pytest.approx(lr, abs=1e-7), step
+
+
+def test_a_constant_schedule_warms_up_and_then_holds_and_the_seed_recipe_is_constant():
+    schedule = steps.learning_rate_schedule(Config(schedule="constant", warmup_epochs=1.0, learning_rate=0.1), 100, 1000)
+    assert [float(schedule(s)) for s in (0, 50, 100, 999)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
+    seed = steps.learning_rate_schedule(recipe("seed"), 12, 600)
+    assert [float(seed(s)) for s in (0, 300, 600)] == pytest.approx([1e-3] * 3)
