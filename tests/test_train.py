@@ -298,6 +298,19 @@ def test_an_unusable_compilation_cache_is_a_warning_not_an_error(tmp_path, capsy
     assert capsys.readouterr().err.startswith(f"warning: no compilation cache in {blocker / 'cache'}")
 
 
+def test_every_flag_sets_the_config_field_it_names_and_nothing_else():
+    config, _ = train.parse_args([
+        "--dataset", "cifar10", "--labels", "coarse_label", "--epochs", "7", "--steps", "11", "--batch-size", "24",
+        "--width", "0.3", "--seed", "5", "--dtype", "bfloat16", "--learning-rate", "0.07", "--weight-decay", "0.001",
+        "--augment", "none", "--depthwise-impl", "shift_add", "--parallel", "pmap", "--dropout", "0.2",
+        "--block", "standard", "--log-every", "9", "--steps-per-call", "3"])
+    assert config == Config(
+        dataset="cifar10", label_key="coarse_label", epochs=7, steps=11, batch_size=24, width=0.3, seed=5,
+        dtype="bfloat16", learning_rate=0.07, weight_decay=0.001, augment="none", depthwise_impl="shift_add",
+        parallel="pmap", dropout_rate=0.2, block="standard", log_every_steps=9, steps_per_call=3)
+    assert train.parse_args([])[0] == Config()  # no flag: the default recipe, untouched
+
+
 def test_train_help_lists_the_promised_flags():
     out = cli("minimobile.train", "--help").stdout
     for flag in ("--dataset", "--data-dir", "--workdir", "--epochs", "--batch-size", "--width", "--seed",
