@@ -71,6 +71,25 @@ def test_dropout_before_the_classifier_is_active_only_in_training():
     np.testing.assert_array_equal(evaluate(), evaluate())
 
 
+def test_dropout_zeroes_a_fraction_p_of_the_pooled_features_and_scales_the_rest_by_1_over_1_minus_p():
+    # With an identity classifier the logits *are* the classifier's input, so they can be compared
+    # with the pooled features of the same network without its head (num_classes=0).
+    p = 0.3
+    model = MobileNetV1_Tiny(num_classes=64, dropout_rate=p)             # 64 = the tiny net's last width
+    variables = init_variables(model, jax.random.key(0))
+    variables["params"]["classifier"] = {"kernel": jnp.eye(64), "bias": jnp.zeros(64)}
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    dropped = np.asarray(jax.jit(lambda: model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                                     rngs={"dropout": jax.random.key(2)})[0])())
+    headless = MobileNetV1_Tiny(num_classes=0)
+    body = {"params": {k: v for k, v in variables["params"].items() if k != "classifier"},
+            "batch_stats": variables["batch_stats"]}
+    features = np.asarray(jax.jit(lambda: headless.apply(body, x, train=True, mutable=["batch_stats"])[0])())
+    zero = dropped == 0
+    np.testing.assert_allclose(dropped[~zero], features[~zero] / (1 - p), rtol=1e-5)
+    assert abs(zero.mean() - p) < 0.06                                 # 1,024 features: sd of the rate 0.014
+
+
 def test_standard_block_replaces_each_separable_pair_with_one_full_conv():
     model = MobileNetV1_Tiny(block="standard")
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
