@@ -49,6 +49,7 @@ from minimobile import train as train_lib
 from minimobile.config import Config
 from minimobile.errors import UserError, exit_on_user_error
 from minimobile.layers import DEPTHWISE_IMPLS, ConvBN, resolve_depthwise_impl
+from minimobile.model import MAX_WIDTH
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
@@ -451,6 +452,8 @@ def main(argv=None) -> None:
             resolve_depthwise_impl(impl)
         except ValueError as e:
             raise UserError(f"{e}.") from None
+    if not (0 < args.width <= MAX_WIDTH and args.batch_size >= 1):  # the width test also refuses nan
+        raise UserError(f"--width must be positive and at most {MAX_WIDTH}, --batch-size at least 1.")
     if args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.steps_per_call < 0:
         raise UserError("--repeats and --steps must be at least 1, --steps-per-call at least 0 (auto).")
     if args.per_layer:

@@ -66,10 +66,11 @@ class Config:
 
 
 # Fields that decide what the saved state *means* (the parameters, and the optimizer's state beside
-# them): a workdir written with other values cannot be resumed. The learning rate, the schedule, the
-# epochs can change on a resume; an optimizer cannot (SGD's momentum is not Adam's moments).
+# them), and which examples each step sees: a workdir written with other values cannot be resumed.
+# The learning rate, the schedule, the epochs can change on a resume; an optimizer cannot (SGD's
+# momentum is not Adam's moments), nor the batch size (step s of a run is batch s of its epochs).
 MODEL_FIELDS = ("dataset", "label_key", "model", "width", "stem", "block", "depth_multiplier", "batch_norm",
-                "normalization", "optimizer")
+                "normalization", "optimizer", "batch_size")
 
 
 RECIPES: dict[str, Config] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import jax
 
@@ -96,13 +97,18 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
     class_names = info["class_names"]
     per_class = {name: float(matrix[k, k] / max(matrix[k].sum(), 1)) for k, name in enumerate(class_names)}
     out = workdir / "eval"
-    out.mkdir(exist_ok=True)
-    (out / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2) + "\n")
-    report.plot_confusion(matrix, list(class_names), out / "confusion_matrix.png")
+    try:
+        out.mkdir(exist_ok=True)
+        (out / "per_class_accuracy.json").write_text(json.dumps(per_class, indent=2) + "\n")
+        report.plot_confusion(matrix, list(class_names), out / "confusion_matrix.png")
+        files = {"per_class_accuracy": str(out / "per_class_accuracy.json"),
+                 "confusion_matrix": str(out / "confusion_matrix.png")}
+    except OSError as e:  # a read-only workdir (someone else's run, a mounted archive): the figures still count
+        print(f"warning: cannot write to {out} ({e.strerror or e}); per-class accuracy and the confusion "
+              "matrix are not saved.", file=sys.stderr)
+        files = {"per_class_accuracy": None, "confusion_matrix": None}
     worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
-    return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst,
-            "per_class_accuracy": str(out / "per_class_accuracy.json"),
-            "confusion_matrix": str(out / "confusion_matrix.png")}
+    return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst, **files}
 
 
 @exit_on_user_error
@@ -123,7 +129,8 @@ def main(argv=None) -> None:
           f"top-1 {100 * result['accuracy']:.2f} %, top-5 {100 * result['accuracy_top5']:.2f} % "
           f"on {result['count']:,} images")
     print("hardest classes: " + ", ".join(f"{name} {100 * acc:.0f} %" for name, acc in result["worst_classes"]))
-    print(f"per-class accuracy: {result['per_class_accuracy']}; confusion matrix: {result['confusion_matrix']}")
+    if result["per_class_accuracy"]:
+        print(f"per-class accuracy: {result['per_class_accuracy']}; confusion matrix: {result['confusion_matrix']}")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "worst_classes"}))
 

@@ -36,6 +36,9 @@ STEM_STRIDES = {
     "cifar": 1,     # 32x32 in, 2x2 before pooling: keep resolution for tiny images (the usual adaptation)
 }
 BLOCK_TYPES = ("separable", "standard")
+# The widest alpha the tools accept: far past the paper's 1.0, so that a typo (1e9, inf) is one sentence
+# instead of a crash in the allocator.
+MAX_WIDTH = 16.0
 
 
 def thin(channels: int, width: float) -> int:

@@ -14,7 +14,7 @@ import json
 
 from minimobile.costs import mobilenet_v1_layers, totals
 from minimobile.errors import UserError, exit_on_user_error
-from minimobile.model import BLOCK_TYPES, STEM_STRIDES
+from minimobile.model import BLOCK_TYPES, MAX_WIDTH, STEM_STRIDES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,10 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = p.parse_args(argv)
     cifar = args.stem == "cifar"
-    args.resolution = args.resolution or (32 if cifar else 224)
+    if args.resolution is None:
+        args.resolution = 32 if cifar else 224
     args.num_classes = (100 if cifar else 1000) if args.num_classes is None else args.num_classes
-    if args.width <= 0:
-        raise UserError(f"--width must be positive (the paper uses 1.0, 0.75, 0.5, 0.25), got {args.width}.")
+    if not 0 < args.width <= MAX_WIDTH:  # also refuses nan
+        raise UserError(f"--width must be positive and at most {MAX_WIDTH} (the paper uses 1.0, 0.75, 0.5, 0.25), got {args.width}.")
     if args.resolution <= 0 or args.num_classes < 0 or args.depth_multiplier <= 0:
         raise UserError("--resolution and --depth-multiplier must be positive and --num-classes non-negative.")
     return args

@@ -36,6 +36,7 @@ from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
 from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error, silence_stdout
 from minimobile.layers import DEPTHWISE_IMPLS
+from minimobile.model import MAX_WIDTH
 
 
 def validate(config: Config) -> None:
@@ -43,8 +44,18 @@ def validate(config: Config) -> None:
     positive = {"--epochs": config.epochs if not config.steps else 1, "--width": config.width,
                 "--batch-size": config.batch_size, "--learning-rate": config.learning_rate}
     for flag, value in positive.items():
-        if not value > 0:
-            raise UserError(f"{flag} must be positive, got {value}.")
+        if not 0 < value < math.inf:  # also refuses nan
+            raise UserError(f"{flag} must be positive{' and finite' if value == math.inf else ''}, got {value}.")
+    if config.width > MAX_WIDTH:
+        raise UserError(f"--width must be at most {MAX_WIDTH} (the paper's widest is 1.0), got {config.width}.")
+    if not 0 <= config.dropout_rate < 1:
+        raise UserError(f"--dropout is the fraction of features dropped: at least 0, below 1; got {config.dropout_rate}.")
+    if not 0 <= config.weight_decay < math.inf:
+        raise UserError(f"--weight-decay must be 0 or positive, got {config.weight_decay}.")
+    if not 0 <= config.seed < 2 ** 32:
+        raise UserError(f"--seed must be between 0 and 2**32 - 1, got {config.seed}.")
+    if config.log_every_steps < 1:
+        raise UserError(f"--log-every must be at least 1 step, got {config.log_every_steps}.")
     if config.steps < 0:
         raise UserError(f"--steps must be positive (or 0 to count in epochs), got {config.steps}.")
     if config.steps_per_call < 0:
@@ -77,12 +88,21 @@ class Workdir:
         saved_path = self.path / "config.json"
         if not saved_path.exists():
             return None
-        saved = Config.from_json(saved_path.read_text())
+        try:
+            saved = Config.from_json(saved_path.read_text())
+        except (OSError, ValueError, TypeError) as e:  # not JSON, or not a config: never overwrite it
+            raise UserError(f"cannot read {saved_path} ({getattr(e, 'strerror', None) or e}); it records how the "
+                            "checkpoints beside it were made: restore it, or choose another --workdir.") from None
         different = [f for f in MODEL_FIELDS if getattr(saved, f) != getattr(config, f)]
         if different:
             what = ", ".join(f"{f} {getattr(saved, f)!r} there vs {getattr(config, f)!r} now" for f in different)
-            raise UserError(f"--workdir {self.path} holds a run of a different model or optimizer ({what}); "
+            raise UserError(f"--workdir {self.path} holds a run that cannot go on with these settings ({what}); "
                             "use a new --workdir, or the settings it was made with.")
+        changed = [f.name for f in dataclasses.fields(Config) if f.name not in ("epochs", "steps")
+                   and getattr(saved, f.name) != getattr(config, f.name)]
+        if changed:  # allowed (a lower learning rate for the rest of a run, say), but never silently
+            say("settings changed since the last run here: " + ", ".join(
+                f"{f} {getattr(saved, f)!r} -> {getattr(config, f)!r}" for f in changed) + " (config.json will say so)")
         return saved
 
     @contextlib.contextmanager
@@ -430,12 +450,7 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
             bar.update(num_steps)
             pending, train_summary = [], mean
 
-        if stop:
-            checkpoints.save(done, parallel.unreplicate(state, par))
-            bar.close()
-            return state, final, done, True
-
-        if sched.is_eval(done):
+        if sched.is_eval(done):  # before a stop too: a resumed run never redoes this step's evaluation
             final = run.evaluate(state)[0]
             writer.write({"step": done, "epoch": round(sched.epoch(done), 4),
                           **{f"eval_{k}": v for k, v in final.items() if k != "count"}})
@@ -446,10 +461,13 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
                 f"acc {100 * train_summary['accuracy']:5.1f} %  |  test loss {final['loss']:.3f} "
                 f"top-1 {100 * final['accuracy']:5.2f} % top-5 {100 * final['accuracy_top5']:5.2f} %{extra}"
                 f"  |  {images_per_sec:,.0f} img/s")
-        if sched.is_checkpoint(done):
+        if sched.is_checkpoint(done) or stop:
             metrics = {"eval_accuracy": final["accuracy"]} if sched.is_eval(done) else None
             checkpoints.save(done, parallel.unreplicate(state, par), metrics)
             last_checkpoint = done
+        if stop:
+            bar.close()
+            return state, final, done, True
     if bar is not None:
         bar.close()
     return state, final, last_checkpoint, False

@@ -148,6 +148,12 @@ def run_main(argv, capsys):
     (["--epochs", "-3"], "error: --epochs must be positive"),
     (["--width", "0"], "error: --width must be positive"),
     (["--batch-size", "12", "--parallel", "mesh"], "error: --batch-size 12 does not split evenly across 8 devices"),
+    (["--width", "inf"], "error: --width must be positive and finite"),
+    (["--width", "1e9"], "error: --width must be at most 16"),
+    (["--dropout", "1"], "error: --dropout is the fraction of features dropped"),
+    (["--weight-decay", "-1"], "error: --weight-decay must be 0 or positive"),
+    (["--seed", str(2 ** 64)], "error: --seed must be between 0 and 2**32 - 1"),
+    (["--log-every", "0"], "error: --log-every must be at least 1"),
     (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
 ])

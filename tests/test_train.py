@@ -157,30 +157,33 @@ def test_calls_end_on_every_step_where_something_happens():
     assert ends == [3, 4, 5, 7, 8, 10, 12, 15, 16, 19, 20, 23]  # logs at 4k, checkpoints at 5k, eval at 7, 10k
 
 
-def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stop_at", [6, 8])  # mid-epoch 2; the end of epoch 2, whose evaluation must not be lost
+def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys, stop_at):
     ds = sample_dataset()
     config = TINY.replace(epochs=3, parallel="mesh", dropout_rate=0.1)  # 4 steps/epoch, 12 in all
     uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)  # 2 steps a call (log_every)
 
-    # As if SIGTERM arrived during step 6, mid-epoch 2 (a real signal is sent in test_reliability.py), in a
+    # As if SIGTERM arrived during step `stop_at` (a real signal is sent in test_reliability.py), in a
     # run that makes one step per call: how steps are grouped into calls must not change the result.
     stop, steps = train.StopRequest(), train.Run.steps
     monkeypatch.setattr(train, "StopRequest", lambda: stop)
     monkeypatch.setattr(train.Run, "steps", lambda run, state, order, n: (
-        setattr(stop, "signal", signal.SIGTERM if int(parallel.unreplicate(state, run.par).step) == 5 else None),
+        setattr(stop, "signal", signal.SIGTERM if int(parallel.unreplicate(state, run.par).step) == stop_at - 1
+                else None),
         steps(run, state, order, n))[1])
     with pytest.raises(SystemExit) as exit_info:
         train.train_and_evaluate(config.replace(steps_per_call=1), tmp_path / "b", dataset=ds)
     assert exit_info.value.code == 128 + signal.SIGTERM
-    assert "SIGTERM received: saved a checkpoint at step 6" in capsys.readouterr().out
+    assert f"SIGTERM received: saved a checkpoint at step {stop_at}" in capsys.readouterr().out
     monkeypatch.undo()
 
     resumed = train.train_and_evaluate(config, tmp_path / "b", dataset=ds)
-    assert "resumed from epoch 1 (step 6)" in capsys.readouterr().out
+    assert f"resumed from epoch {stop_at // 4} (step {stop_at})" in capsys.readouterr().out
     assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
     a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in a] == [r["step"] for r in b]  # no step logged twice, none missing
+    logged = lambda records: [(r["step"], "eval_loss" in r) for r in records]
+    assert logged(a) == logged(b)  # no step logged twice, none missing, no evaluation lost
     train_losses = lambda records: [r["train_loss"] for r in records if "train_loss" in r]
     assert train_losses(b) == pytest.approx(train_losses(a), rel=1e-6)
 
@@ -219,11 +222,26 @@ def test_impossible_settings_end_in_one_sentence(tmp_path, change, message):
 @pytest.mark.parametrize("saved, message", [
     (dict(width=0.5), "width 0.5 there vs 0.0625 now"),
     (dict(optimizer="adam"), "optimizer 'adam' there vs 'sgd' now"),   # SGD's momentum is not Adam's moments
+    (dict(batch_size=32), "batch_size 32 there vs 16 now"),             # step s would be another batch
 ])
 def test_a_workdir_of_another_model_or_optimizer_is_refused(tmp_path, saved, message):
     (tmp_path / "config.json").write_text(TINY.replace(**saved).to_json())
-    with pytest.raises(UserError, match=f"holds a run of a different model or optimizer .*{message}"):
+    with pytest.raises(UserError, match=f"holds a run that cannot go on with these settings .*{message}"):
         train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
+
+
+def test_a_damaged_config_json_is_one_sentence_and_is_left_as_it_is(tmp_path):
+    (tmp_path / "config.json").write_text('{"dataset": "cifar1')            # cut short
+    with pytest.raises(UserError, match="cannot read .*config.json .*restore it, or choose another --workdir"):
+        train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
+    assert (tmp_path / "config.json").read_text() == '{"dataset": "cifar1'
+
+
+def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(TINY.to_json())
+    train.Workdir(tmp_path).check_same_model(TINY.replace(learning_rate=0.01, epochs=5))
+    out = capsys.readouterr().out
+    assert "settings changed since the last run here: learning_rate 0.05 -> 0.01" in out and "epochs" not in out
 
 
 def test_checkpoints_of_another_optimizer_state_are_refused_and_the_workdir_is_left_as_it_was(tmp_path):
@@ -251,7 +269,7 @@ def cli(*args, cwd=None, env=None):
                           env=env)
 
 
-def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_data_dir):
+def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_data_dir, capsys):
     workdir, compiled = tmp_path / "run", str(tmp_path / "compiled")
     trained = cli("minimobile.train", "--dataset", "cifar100", "--data-dir", cifar100_data_dir, "--workdir",
                   str(workdir), "--epochs", "1", "--batch-size", "16", "--width", "0.0625", "--no-progress",
@@ -276,6 +294,15 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     assert result["accuracy"] == pytest.approx(last_eval["eval_accuracy"])
     assert result["loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-5)
     assert result["count"] == 20 and (workdir / "eval" / "confusion_matrix.png").exists()
+    # A workdir evaluate cannot write to (another user's, read-only): the figures still, and a warning.
+    from minimobile.evaluate import evaluate_workdir
+
+    shutil.rmtree(workdir / "eval")
+    (workdir / "eval").write_text("")                                      # so eval/ cannot be made
+    again = evaluate_workdir(workdir, str(test_only))
+    assert again["accuracy"] == pytest.approx(result["accuracy"]) and again["confusion_matrix"] is None
+    assert "warning: cannot write to" in capsys.readouterr().err
+    (workdir / "eval").unlink()
 
     from PIL import Image
 
