@@ -113,7 +113,7 @@ def _read(builder, name: str, split: str, label_key: str) -> Split:
     try:
         return _read_split(builder, split, label_key)
     except Exception as e:
-        if _is_prepared(builder):
+        if _is_prepared(builder) or pathlib.Path(builder.data_dir).is_dir():  # there, but broken or partial
             raise _corrupt(name, builder.data_dir, e) from e
         raise UserError(f"{name} is not prepared in {builder.data_dir_root}; run once with downloads "
                         "allowed, or pass --data-dir pointing to a prepared copy.") from e

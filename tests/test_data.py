@@ -188,11 +188,14 @@ def test_truncated_records_are_reported_as_corrupt(cifar100_dir, tmp_path):
         data.load_dataset("cifar100", str(tmp_path / "copy"))
 
 
-def test_damaged_dataset_info_is_reported_as_corrupt(cifar100_dir, tmp_path):
+@pytest.mark.parametrize("damage", ["half a file", "deleted"])
+def test_damaged_dataset_info_is_reported_as_corrupt(cifar100_dir, tmp_path, damage):
+    # Deleted: TFDS then takes the folder for one never prepared; the one thing to do is the same.
     version_dir = corrupt_copy(cifar100_dir, tmp_path / "copy")
-    (version_dir / "dataset_info.json").write_text("{ half a file")
-    with pytest.raises(UserError, match="corrupt or incomplete"):
-        data.load_dataset("cifar100", str(tmp_path / "copy"))
+    info = version_dir / "dataset_info.json"
+    info.write_text("{ half a file") if damage == "half a file" else info.unlink()
+    with pytest.raises(UserError, match="corrupt or incomplete.*delete that folder"):
+        data.load_dataset("cifar100", str(tmp_path / "copy"), download=False)
 
 
 # ----------------------------------------------------------------------------------------------------
