@@ -44,6 +44,11 @@ def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
         type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, whole)))
 
 
+def _test_accuracy(metrics: dict[str, float]) -> float:
+    """What makes a checkpoint the best: the test accuracy it was saved with."""
+    return metrics["eval_accuracy"]
+
+
 class _NoEvaluationIsFine(logging.Filter):
     """Drops orbax's warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save)."""
 
@@ -99,14 +104,14 @@ class Checkpoints:
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
-            policies.BestN(get_metric_fn=lambda m: m["eval_accuracy"], n=1, keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
         ])
         # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step.
         # best_fn: without it orbax neither writes the metrics to disk nor ranks by them, so a new
         # process (a resumed run) would not know which checkpoint is the best, and would delete it.
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True,
-                                               best_fn=lambda m: m["eval_accuracy"], best_mode="max")
+                                               best_fn=_test_accuracy, best_mode="max")
         self._set_aside_unreadable_metrics()
         logging.getLogger("absl").addFilter(NO_EVALUATION_IS_FINE)
         try:
@@ -198,10 +203,8 @@ class Checkpoints:
                             "or choose another --workdir.")
 
     def best_step(self) -> int | None:
-        """The step with the highest eval accuracy among the checkpoints saved with one (ties: the later)."""
-        scored = {step: metrics["eval_accuracy"] for step in self.steps()
-                  if "eval_accuracy" in (metrics := self.manager.metrics(step) or {})}
-        return max(scored, key=lambda step: (scored[step], step)) if scored else None
+        """The step with the highest eval accuracy among the checkpoints saved with one, or None."""
+        return self.manager.best_step()
 
     def restore(self, step: int, state):
         self._check_holds_arrays_of(step, state)
