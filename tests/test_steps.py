@@ -115,3 +115,17 @@ def test_a_constant_schedule_warms_up_and_then_holds_and_the_seed_recipe_is_cons
     assert [float(schedule(s)) for s in (0, 50, 100, 999)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
     seed = steps.learning_rate_schedule(recipe("seed"), 12, 600)
     assert [float(seed(s)) for s in (0, 300, 600)] == pytest.approx([1e-3] * 3)
+
+
+def test_training_augments_with_the_configs_recipe_and_evaluation_never_augments(monkeypatch):
+    from minimobile import augment
+
+    kinds = []                                     # recorded while jax traces: once per compiled program
+    augment_batch = augment.augment_batch
+    monkeypatch.setattr(augment, "augment_batch", lambda keys, images, kind: (
+        kinds.append(kind), augment_batch(keys, images, kind))[1])
+    run = train.build_run(TINY.replace(augment="seed"), sample_dataset(), parallel.setup("jit"))
+    run.step(jax.tree.map(jnp.copy, run.state), run.epoch_order(0))
+    assert kinds == ["seed"]
+    run.evaluate(run.state)
+    assert kinds == ["seed"]                       # the evaluation traced no augmentation
