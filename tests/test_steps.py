@@ -16,18 +16,8 @@ from minimobile import parallel, steps, train
 from minimobile.config import Config, recipe
 from minimobile.data import Split
 
+from oracles import log_softmax, normalised
 from test_train import TINY, sample_dataset
-
-
-def normalised(images, dataset) -> np.ndarray:
-    """(x - mean) / std per channel, in NumPy: [N, H, W, 3] uint8 -> float32."""
-    return ((images.astype(np.float32) - np.float32(dataset.mean)) / np.float32(dataset.std)).astype(np.float32)
-
-
-def log_softmax(logits) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_padding():
@@ -38,7 +28,7 @@ def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_
     run = train.build_run(TINY, ds, parallel.setup("jit"))
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     apply = jax.jit(lambda variables, x: run.model.apply(variables, x, train=False))
-    logits = np.asarray(apply(variables, normalised(ds.test.images, ds)))                 # [24, 100]
+    logits = np.asarray(apply(variables, normalised(ds.test.images, ds.mean, ds.std)))                 # [24, 100]
     ranked = np.argsort(-logits, axis=-1)
     labels = np.concatenate([ranked[:8, 0], ranked[8:16, 2], ranked[16:, -1]]).astype(np.int32)
 
@@ -69,7 +59,7 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
     after, metrics = run.step(jax.tree.map(jnp.copy, run.state), order)
 
     batch = np.asarray(order)[:config.batch_size]                      # step 0 takes the first batch
-    x, y = normalised(ds.train.images[batch], ds), ds.train.labels[batch]
+    x, y = normalised(ds.train.images[batch], ds.mean, ds.std), ds.train.labels[batch]
     k, a = ds.num_classes, config.label_smoothing
     targets = (1 - a) * jax.nn.one_hot(y, k) + a / k
 
