@@ -49,6 +49,31 @@ def _test_accuracy(metrics: dict[str, float]) -> float:
     return metrics["eval_accuracy"]
 
 
+class _ClosedEventLoopIsNoise:
+    """A `sys.unraisablehook` that drops the "Event loop is closed" errors of a failed orbax read.
+
+    When reading a damaged checkpoint fails, orbax closes its event loop while its I/O threads are
+    still finishing, and each of them then reports, through Python's hook for errors nobody can catch,
+    that the loop is closed: hundreds of tracebacks around our one-line warning, some after the
+    restore has returned. They say nothing the warning does not; any other error goes to the hook
+    that was there before.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+def _quiet_failed_reads() -> None:
+    """Install `_ClosedEventLoopIsNoise` once per process (for good: the noise outlives the read)."""
+    if not isinstance(sys.unraisablehook, _ClosedEventLoopIsNoise):
+        sys.unraisablehook = _ClosedEventLoopIsNoise(sys.unraisablehook)
+
+
 class _NoEvaluationIsFine(logging.Filter):
     """Drops orbax's warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save)."""
 
@@ -149,6 +174,7 @@ class Checkpoints:
         `state` is a freshly initialised TrainState: it gives the structure, shapes and shardings.
         """
         target = _restore_args(state)
+        _quiet_failed_reads()
         for step in reversed(self.steps()):
             self._check_holds_arrays_of(step, state)
             try:
@@ -207,6 +233,7 @@ class Checkpoints:
         return self.manager.best_step()
 
     def restore(self, step: int, state):
+        _quiet_failed_reads()
         self._check_holds_arrays_of(step, state)
         tree = self.manager.restore(step, args=_restore_args(state))
         return state.replace(**tree)
