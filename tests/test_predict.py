@@ -1,0 +1,50 @@
+"""predict's image reader: any image file becomes the [H, W, 3] uint8 RGB picture the network was trained on.
+
+(That predict's answers are the network's, and agree with evaluate, is checked in test_train.py.)
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minimobile.errors import UserError
+from minimobile.predict import read_image
+
+
+def test_an_image_of_the_training_size_is_read_back_exactly(tmp_path, cifar_sample):
+    picture = cifar_sample["image"][0]                                     # a real CIFAR image, 32x32
+    Image.fromarray(picture).save(tmp_path / "apple.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "apple.png", (32, 32)), picture)
+
+
+def test_downsampling_keeps_a_linear_ramp_linear(tmp_path):
+    # Bilinear filtering reproduces a linear function: the value at each output pixel's centre.
+    # Input pixel x holds 4x; output pixel j (half as many) is centred on input position 2j + 0.5.
+    ramp = np.tile((4 * np.arange(64)).astype(np.uint8)[None, :, None], (48, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    got = read_image(tmp_path / "ramp.png", (24, 32))                     # (height, width)
+    assert got.shape == (24, 32, 3) and got.dtype == np.uint8
+    expected = 4 * (2 * np.arange(32) + 0.5)
+    np.testing.assert_array_equal(got[:, 1:-1, :], np.broadcast_to(expected[None, 1:-1, None], (24, 30, 3)))
+    assert np.all(np.abs(got[:, [0, -1], :] - expected[[0, -1], None]) <= 1)  # the edges: half a filter
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grey_rgba_and_palette_images_become_the_rgb_they_show(tmp_path, cifar_sample, mode):
+    picture = cifar_sample["image"][1]
+    shown = {"L": np.repeat(np.asarray(Image.fromarray(picture).convert("L"))[..., None], 3, axis=-1),
+             "RGBA": picture}
+    image = Image.fromarray(picture).convert(mode)
+    image.save(tmp_path / "picture.png")
+    if mode == "P":  # a palette image shows each pixel's palette colour
+        shown["P"] = np.asarray(image.getpalette(), np.uint8).reshape(-1, 3)[np.asarray(image)]
+    np.testing.assert_array_equal(read_image(tmp_path / "picture.png", (32, 32)), shown[mode])
+
+
+def test_what_is_not_an_image_is_one_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    for path, message in [(tmp_path / "missing.png", "no image at .*; check the path"),
+                          (tmp_path / "notes.txt", "is not an image PIL can read"),
+                          (tmp_path, "cannot read .*")]:
+        with pytest.raises(UserError, match=message):
+            read_image(path, (32, 32))
