@@ -47,7 +47,7 @@ class Config:
     checkpoint_every_steps: int = 0    # 0 = once per epoch
     keep_checkpoints: int = 3          # the last few are kept, and always the best
     log_every_steps: int = 50          # metrics are read back from the device this often, no more
-    steps_per_call: int = 0            # steps per compiled call, a loop on the device; 0 = auto (never changes results)
+    steps_per_call: int = 0            # steps per compiled call, a loop on the device; 0 = auto; 1 = no loop
     parallel: str = "mesh"             # "mesh" (jit + shard_map), "pmap", or "jit" (one device)
 
     def to_json(self) -> str:

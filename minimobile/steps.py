@@ -198,25 +198,34 @@ def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.
 
 
 def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, perm: jax.Array,
-                               base_rng: jax.Array, num_steps: jax.Array, **step_kwargs
+                               base_rng: jax.Array, num_steps: jax.Array, *, loop: bool = True, **step_kwargs
                                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """`num_steps` consecutive `train_step_on_device_data` steps in one call: a loop on the device.
 
     Why a loop: every call of a compiled program gets fresh scratch memory for its intermediates. On
     CPU that is ~0.5 GB for MobileNet at batch 128, and the kernel maps and zero-fills it page by page
     (~125,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
-    step. (On a GPU there is little to save: see `auto_steps_per_call`.) `num_steps` is a traced
-    value, so one compiled program serves every count, and every step runs the same compiled body:
-    how steps are grouped into calls never changes the result, bit for bit.
+    step. `num_steps` is a traced value, so one compiled program serves every count, and every step
+    runs the same compiled body: how steps are grouped into calls never changes the result, bit for bit.
+
+    `loop=False` compiles one step and no loop, for runs of one step per call (`num_steps` must be 1).
+    A loop whose count is traced costs even when it runs once: XLA:CPU keeps the convolutions of a
+    loop body out of its fast kernels (a step of the grouped depthwise at width 0.25 took 4.2x as long),
+    and XLA:GPU reads the loop's condition back to the host after each pass, so the host waits for
+    every step before it can queue the next.
 
     Returns the state and each metric *summed* over the steps (their mean is sum / "steps").
     """
     keys = ("loss", "accuracy") + (("learning_rate",) if step_kwargs.get("learning_rate_fn") else ())
+    as_sums = lambda metrics: {k: jnp.asarray(metrics[k], jnp.float32) for k in keys}
+    if not loop:
+        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, **step_kwargs)
+        return state, {**as_sums(metrics), "steps": num_steps}
 
     def one_step(_, carry):
         state, sums = carry
         state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, **step_kwargs)
-        return state, {k: sums[k] + jnp.asarray(metrics[k], jnp.float32) for k in keys}
+        return state, jax.tree.map(jnp.add, sums, as_sums(metrics))
 
     sums = {k: jnp.zeros((), jnp.float32) for k in keys}
     state, sums = lax.fori_loop(0, num_steps, one_step, (state, sums))
@@ -232,8 +241,9 @@ def auto_steps_per_call(model, image_shape: tuple[int, int, int]) -> int:
     The loop pays on CPU (see `train_steps_on_device_data`), unless the network has XLA convolutions:
     inside a loop body XLA:CPU leaves them out of its fast convolution kernels (their gradients keep a
     layout those kernels do not take), and a step got 6-14x slower (measured: the grouped depthwise,
-    the standard-block MobileNet, the seed CNN). On GPU the allocator keeps its memory between calls
-    and dispatch is asynchronous, so there is little to gain there, and we keep one step per call.
+    the standard-block MobileNet, the seed CNN). On GPU the allocator keeps its memory between calls,
+    so there is nothing to gain there, and a loop would make the host wait for each step (see
+    `train_steps_on_device_data`). Where this says 1, the trainer compiles its step with no loop.
     """
     if jax.default_backend() != "cpu":
         return 1

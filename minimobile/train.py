@@ -281,6 +281,8 @@ class Run:
         return self.epoch_order_fn(np.int32(epoch))
 
     def steps(self, state, order, n: int):
+        if not 1 <= n <= self.steps_per_call:  # a one-step run's program has no loop: it would do 1 step
+            raise ValueError(f"a call makes 1 to {self.steps_per_call} steps in this run, not {n}")
         train_images, train_labels = self.device_data
         count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
         return self.step_fn(state, train_images, train_labels, order, self.base_rng, count)
@@ -314,11 +316,11 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
     base_rng = parallel.on_all_devices(lambda: jax.random.fold_in(jax.random.key(config.seed), 2), par)()
 
     mean, std = steps.input_normalization(config, ds.mean, ds.std)  # the dataset's, or the report's [-1, 1]
+    steps_per_call = config.steps_per_call or steps.auto_steps_per_call(model, image_shape)
     step_fn = parallel.distribute(functools.partial(
         steps.train_steps_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
-        learning_rate_fn=learning_rate_fn, mean=mean, std=std), par, out_specs=(P(), P()))
+        learning_rate_fn=learning_rate_fn, mean=mean, std=std, loop=steps_per_call > 1), par, out_specs=(P(), P()))
     evaluation = build_evaluation(config, ds.test, ds.mean, ds.std, par)
-    steps_per_call = config.steps_per_call or steps.auto_steps_per_call(model, image_shape)
     return Run(config, par, sched, ds, model, state, step_fn, evaluation, epoch_order_fn, device_data, base_rng,
                steps_per_call)
 
@@ -557,7 +559,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--log-every", type=int, help="read metrics back from the device every N steps")
     p.add_argument("--steps-per-call", type=int,
                    help="steps per compiled call, a loop on the device (default: 1 on GPU; on CPU 16 if the network "
-                        "has no XLA convolution, else 1; results never depend on it)")
+                        "has no XLA convolution, else 1); 1 compiles the step with no loop, which may change "
+                        "the last bits of the results, any larger count gives the same results as any other")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
                    help="keep compiled programs here, so that a rerun (a resume, the same config again) "

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from minimobile import parallel, train
+from minimobile import parallel, steps, train
 from minimobile.assets import load_cifar100_sample
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import Config, recipe
@@ -144,6 +144,28 @@ def test_auto_loops_on_cpu_only_where_the_network_has_no_xla_convolution():
     assert per_call(TINY.replace(depthwise_impl="feature_group_count")) == 1
     assert per_call(TINY.replace(block="standard")) == 1
     assert per_call(TINY.replace(steps_per_call=3)) == 3                 # asked for: taken as is
+
+
+def test_a_run_of_one_step_per_call_compiles_no_loop_and_takes_the_same_step():
+    # A loop with a traced count costs even when it runs once (XLA:CPU's slow convolutions in a loop
+    # body, XLA:GPU's wait on the loop condition), so a run of one step per call compiles no loop.
+    ds, one_device = sample_dataset(), parallel.setup("jit")
+    grouped = TINY.replace(depthwise_impl="feature_group_count")
+    single, looped = train.build_run(grouped, ds, one_device), train.build_run(grouped.replace(steps_per_call=2),
+                                                                               ds, one_device)
+    assert single.steps_per_call == 1                                   # auto, for an XLA convolution on CPU
+    call_args = lambda run: (run.state, *run.device_data, run.epoch_order(0), run.base_rng, np.int32(1))
+    loops = lambda run: steps.primitive_counts(jax.make_jaxpr(run.step_fn)(*call_args(run)).jaxpr)["while"]
+    assert loops(single) == 0 and loops(looped) == 1
+    # The same step either way, the loop program the oracle: not bit for bit, since XLA compiles the
+    # two apart (the convolution in the loop is another kernel, which sums in another order).
+    start = jax.device_get(single.state)
+    (a, metrics_a), (b, metrics_b) = (run.step(jax.device_put(start), run.epoch_order(0)) for run in (single, looped))
+    assert int(a.step) == int(b.step) == 1 and int(metrics_a["steps"]) == 1
+    assert_same_update(start.params, jax.device_get(a.params), jax.device_get(b.params), tol=1e-4)
+    assert float(metrics_a["loss"]) == pytest.approx(float(metrics_b["loss"]), rel=1e-5)
+    with pytest.raises(ValueError, match="a call makes 1 to 1 steps in this run, not 2"):
+        single.steps(a, single.epoch_order(0), 2)                       # it would silently take one
 
 
 def test_calls_end_on_every_step_where_something_happens():

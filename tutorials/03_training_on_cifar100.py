@@ -377,7 +377,9 @@ print("same state in, same step out:",
 # for MobileNet at width 1 and batch 128 that is ~0.5 GB and ~0.2 s of a ~0.4 s step. Inside one call
 # the loop reuses it (`python -m minimobile.bench --steps-per-call 1` shows the difference). The count
 # is an argument of the compiled program, so one program serves every count, and every step runs
-# the same compiled body: grouping never changes a bit of the result.
+# the same compiled body: grouping never changes a bit of the result. (A run of one step per call,
+# the default on GPU, compiles its step with no loop at all: a loop costs even when it runs once,
+# see `steps.train_steps_on_device_data`.)
 
 # %%
 state_d, sums = run.steps(fresh_copy(), order, 2)                  # two steps in one call
