@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ SWEEP_BATCH_SIZES = (256, 1024, 4096)  # CIFAR images are small: 4096 is ~20 GB 
 RECIPE = Config()  # the default recipe: batch 256, 200 epochs
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000  # images in CIFAR-100's splits
 CHILD_TIMEOUT_S = 180  # step 2's fresh processes: start, compile and time one configuration
+OVERRUN_S = 150        # how far past --budget-s a measurement begun in time may run (a command has a limit)
 
 
 def gpu_name() -> str:
@@ -60,20 +62,21 @@ def gpu_name() -> str:
         return jax.devices()[0].device_kind
 
 
-def train_in_fresh_process(args, xla_flag: str) -> float | str:
+def train_in_fresh_process(args, xla_flag: str, timeout_s: float) -> float | str:
     """Train images/s of the default step (bfloat16) in a new process with `xla_flag` added to XLA_FLAGS.
 
     A new process because XLA reads its flags once, when it starts. Returns an error message instead
-    when the child fails or outlives CHILD_TIMEOUT_S (a hung child must not eat a lent GPU's minutes).
+    when the child fails or outlives `timeout_s` (a hung child must not eat a lent GPU's minutes).
     """
+    # This process already holds 0.6 of the GPU; the child takes memory as it needs it, up to 0.3.
     env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), xla_flag))),
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3"}  # this process already holds 0.6 of the GPU
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     cmd = [sys.executable, "-m", "minimobile.bench", "--width", str(args.width), "--batch-size", str(args.batch_size),
            "--dtype", "bfloat16", "--repeats", str(args.repeats), "--steps", str(args.steps), "--no-pipeline", "--json"]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return f"no result within {CHILD_TIMEOUT_S} s"
+        return f"no result within {timeout_s:.0f} s"
     try:
         return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_sec"])
     except (IndexError, ValueError, KeyError):
@@ -106,8 +109,10 @@ def main(argv=None) -> None:
                "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
                "width": args.width, "repeats": args.repeats, "steps": args.steps})
 
+        elapsed = lambda: time.perf_counter() - start
+
         def over_budget(label: str) -> bool:
-            if time.perf_counter() - start > args.budget_s:
+            if elapsed() > args.budget_s:
                 skipped.append(label)
                 return True
             return False
@@ -123,9 +128,15 @@ def main(argv=None) -> None:
             except Exception as e:  # one failing configuration (say, out of memory) must not cost the rest
                 write({"what": "error", "config": label, "error": f"{type(e).__name__}: {e}"[:500]})
                 return None
+            finally:
+                if compare:  # PyTorch keeps the memory it freed for itself; give it back to JAX
+                    gc.collect()
+                    sys.modules["torch"].cuda.empty_cache()
             row = {"what": "train_step", "impl": impl, "dtype": dtype, "batch_size": batch_size,
                    "images_per_sec": r["images_per_sec"], "eval_images_per_sec": r["eval_images_per_sec"],
                    "compile_s": r["compile_s"], "train_tflops": round(2 * r["train_macs_per_sec"] / 1e12, 2)}
+            if "torch_error" in r:
+                row.update(torch_error=r["torch_error"])
             if "torch" in r:
                 row.update(torch_images_per_sec=r["torch"]["images_per_sec"], ratio=r["ratio"],
                            torch_eval_images_per_sec=r["torch"]["eval_images_per_sec"],
@@ -140,10 +151,11 @@ def main(argv=None) -> None:
             import torch
 
             compare = "torch" if torch.cuda.is_available() else None
-        except ImportError:
-            compare = None
+            why_not = "torch has no CUDA here"
+        except Exception as e:  # noqa: BLE001 - not installed, or its CUDA libraries would not load
+            compare, why_not = None, f"torch would not import ({type(e).__name__}: {e})"[:300]
         if compare is None:
-            write({"what": "note", "note": "no CUDA build of torch here: PyTorch comparison skipped"})
+            write({"what": "note", "note": f"{why_not}: PyTorch comparison skipped"})
 
         # 1. The default implementation, both dtypes, one large batch, PyTorch beside it.
         default = resolve_depthwise_impl("auto")  # feature_group_count on a GPU
@@ -160,7 +172,8 @@ def main(argv=None) -> None:
         # both or neither (one alone says nothing).
         flags = ("", "--xla_gpu_deterministic_ops=true")
         if not over_budget(f"auto bfloat16 batch {args.batch_size} with and without {flags[1]}"):
-            timed = {flag: train_in_fresh_process(args, flag) for flag in flags}
+            timeout_s = lambda: max(30.0, min(CHILD_TIMEOUT_S, args.budget_s + OVERRUN_S - elapsed()))
+            timed = {flag: train_in_fresh_process(args, flag, timeout_s()) for flag in flags}
             errors = {flag: r for flag, r in timed.items() if isinstance(r, str)}
             for flag, error in errors.items():
                 write({"what": "error", "config": f"auto bfloat16 batch {args.batch_size} XLA_FLAGS+={flag!r}",
@@ -173,8 +186,9 @@ def main(argv=None) -> None:
         for dtype in DTYPES:
             for impl in (i for i in IMPLS if i != default):
                 measure(impl, dtype, args.batch_size)
-        # 4. The fastest implementation in bf16 across batch sizes.
-        timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"]
+        # 4. The fastest implementation in bf16 (at the table's batch size) across batch sizes.
+        timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"
+                 and r["batch_size"] == args.batch_size]
         best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
         done = {(r["impl"], r["dtype"], r["batch_size"]) for r in rows if r.get("what") == "train_step"}
         for batch_size in (int(b) for b in args.sweep.split(",")):
@@ -197,6 +211,8 @@ def table(rows: list[dict]) -> str:
         torch_cols = (f"{r['torch_images_per_sec']:,.0f} | {r['ratio']:.2f}x" if "ratio" in r else "- | -")
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch_size']} | {r['images_per_sec']:,.0f} | "
                      f"{r['eval_images_per_sec']:,.0f} | {r['train_tflops']} | {r['compile_s']:.0f} | {torch_cols} |")
+    lines.append("\nfloat32 rows: the convolutions run on TF32 tensor cores on both sides (JAX's default precision; "
+                 "PyTorch's cudnn.allow_tf32, on by default). PyTorch: channels_last, cudnn.benchmark on.")
     for r in rows:
         if r.get("what") == "recipe_estimate":
             lines.append(f"\nThe default recipe (x{r['width']}, batch {r['batch_size']}, bfloat16): "

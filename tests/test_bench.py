@@ -53,6 +53,22 @@ def test_per_layer_times_every_conv_layer_of_the_paper_table_once(capsys):
     assert [h for _, _, _, _, _, h in bench.network_layers(WIDTH)][-1] == 2
 
 
+def test_a_pytorch_that_fails_costs_the_comparison_only(capsys, monkeypatch):
+    # On a lent GPU, PyTorch running out of memory (or its CUDA failing to load) must not throw away
+    # our own figures for the same configuration.
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "torch_runners", out_of_memory)
+    bench.main(["--width", str(WIDTH), "--batch-size", "4", "--repeats", "1", "--steps", "1", "--no-pipeline",
+                "--depthwise-impl", "feature_group_count", "--compare", "torch", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["images_per_sec"] > 0 and "ratio" not in result
+    assert result["torch_error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "PyTorch: failed, no comparison (RuntimeError: CUDA out of memory" in "\n".join(out)
+
+
 def test_unknown_implementation_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--depthwise-impl", "winograd"])
