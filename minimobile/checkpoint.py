@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from minimobile import parallel
 from minimobile.errors import UserError
 
 
@@ -178,9 +179,13 @@ class Checkpoints:
         for step in reversed(self.steps()):
             self._check_holds_arrays_of(step, state)
             try:
-                tree = self.manager.restore(step, args=target)
+                tree, why = self.manager.restore(step, args=target), None
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
-                self._move_aside(step, type(e).__name__)
+                tree, why = None, type(e).__name__
+            # Every process of a run resumes from the same step, or they would train apart.
+            if parallel.largest_across_processes(why is not None):
+                self._move_aside(step, why or "unreadable by another process")
+                parallel.barrier(f"checkpoint {step} moved aside")
                 self.manager.reload()
                 continue
             return state.replace(**tree), step
@@ -190,8 +195,11 @@ class Checkpoints:
         """Moves an unreadable checkpoint to `checkpoints-unreadable/`, with a warning.
 
         Moved, not deleted (someone may want to look at it), and out of the way of the new checkpoint
-        this run will write at the same step.
+        this run will write at the same step. The processes of a multi-host run share the folder:
+        process 0 moves it, and the caller makes the others wait until it has (`parallel.barrier`).
         """
+        if jax.process_index() != 0:
+            return
         aside = self.directory.parent / "checkpoints-unreadable" / str(step)
         aside.parent.mkdir(exist_ok=True)
         copies = 0
@@ -204,12 +212,13 @@ class Checkpoints:
 
     def _set_aside_unreadable_metrics(self) -> None:
         """Orbax reads every checkpoint's metrics when it starts, and one damaged file stops it: move those aside."""
-        for path in sorted(self.directory.glob("*/metrics/metrics")):
+        for path in sorted(self.directory.glob("*/metrics/metrics")) if jax.process_index() == 0 else []:
             if path.parent.parent.name.isdigit():  # a step, not a temporary directory of a killed write
                 try:
                     json.loads(path.read_text())
                 except (OSError, ValueError):  # ValueError: not JSON, or not even text
                     self._move_aside(path.parent.parent.name, "its metrics")
+        parallel.barrier("unreadable metrics moved aside")  # the others read the folder only after
 
     def _check_holds_arrays_of(self, step: int, state) -> None:
         """Stop with one sentence if checkpoint `step` is readable but holds other arrays than `state`.

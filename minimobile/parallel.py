@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any, Callable
 
 import jax
@@ -161,3 +163,43 @@ def to_host(tree: Any, par: Parallel, batch_axis: int | None = None) -> Any:
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes must agree: on their settings, on when to stop. With one process these return
+# at once; with several, each is one small collective, so every process must call it at the same
+# point of the run.
+# --------------------------------------------------------------------------------------------
+
+
+def differ_across_processes(values: dict[str, Any]) -> list[str]:
+    """The keys of `values` whose value is not the same on every process of the run.
+
+    Each process hashes each value (as JSON) and only the hashes travel, so values of any size compare
+    in one gather of a few bytes.
+    """
+    if jax.process_count() == 1:
+        return []
+    from jax.experimental import multihost_utils
+
+    digest = lambda v: np.frombuffer(hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).digest()[:8],
+                                     np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(np.stack([digest(v) for v in values.values()])))
+    return [key for i, key in enumerate(values) if not (gathered[:, i] == gathered[0, i]).all()]  # [P, K, 8]
+
+
+def largest_across_processes(value: int) -> int:
+    """The largest of every process's `value`: what one process knows (a signal it got), all learn."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the run gets here (e.g. after process 0 alone changed a shared folder)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import dataclasses
 import functools
@@ -146,9 +147,21 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        self.by_another_process = False
 
     def __bool__(self) -> bool:
         return self.signal is not None
+
+    def agree(self) -> bool:
+        """Stop now? The same answer on every process: a signal that reached one of them stops all.
+
+        (A scheduler may signal only some processes of a run; one that stopped alone would leave the
+        others waiting for it in the next step's collectives.)
+        """
+        signum = parallel.largest_across_processes(self.signal or 0)
+        if signum and self.signal is None:
+            self.signal, self.by_another_process = signum, True
+        return bool(signum)
 
     @contextlib.contextmanager
     def installed(self):
@@ -331,6 +344,11 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
 
     `dataset` may be given directly (tests, tutorials); otherwise it is loaded from TFDS.
     """
+    # First: a process that refused its own flags alone would leave the others waiting for it.
+    different = parallel.differ_across_processes(dataclasses.asdict(config))
+    if different:
+        raise UserError(f"the processes of this run were started with different settings ({', '.join(different)}); "
+                        "start every process with the same flags.")
     validate(config)
     par = parallel.setup(config.parallel)
     parallel.check_batch_size(config.batch_size, par)
@@ -349,6 +367,12 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
 
     # Resume from the newest readable checkpoint, if any.
     checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
+    different = parallel.differ_across_processes({
+        "train images": ds.train.labels.tolist(), "test images": ds.test.labels.tolist(),
+        "class names": ds.class_names, "checkpoints": checkpoints.steps()})
+    if different:
+        raise UserError(f"the processes of this run see different {' and '.join(different)}; give every process "
+                        "the same data (--data-dir) and one --workdir on a filesystem they all share.")
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
     work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
     state = run.state
@@ -383,7 +407,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
             checkpoints.close()
             writer.close()
     if stopped:
-        name = signal.Signals(stop.signal).name
+        name = signal.Signals(stop.signal).name + (" (by another process)" if stop.by_another_process else "")
         say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
             "rerun the same command to resume from there.")
         raise SystemExit(128 + stop.signal)
@@ -428,8 +452,11 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         state, metrics = run.steps(state, order, n)
         pending.append(metrics)
         done = step = step + n
+        # Several processes agree on a stop where the host waits for the device anyway.
+        waits = done % sched.log_every == 0 or done == sched.total_steps or sched.is_eval(done)
+        stopping = stop.agree() if waits or jax.process_count() == 1 else False
 
-        if done % sched.log_every == 0 or done == sched.total_steps or stop or sched.is_eval(done):
+        if waits or stopping:
             # The only place the host waits for the device during training.
             values = jax.device_get([parallel.unreplicate(m, par) for m in pending])
             num_steps = sum(int(v["steps"]) for v in values)
@@ -463,11 +490,11 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
                 f"acc {100 * train_summary['accuracy']:5.1f} %  |  test loss {final['loss']:.3f} "
                 f"top-1 {100 * final['accuracy']:5.2f} % top-5 {100 * final['accuracy_top5']:5.2f} %{extra}"
                 f"  |  {images_per_sec:,.0f} img/s")
-        if sched.is_checkpoint(done) or stop:
+        if sched.is_checkpoint(done) or stopping:
             metrics = {"eval_accuracy": final["accuracy"]} if sched.is_eval(done) else None
             checkpoints.save(done, parallel.unreplicate(state, par), metrics)
             last_checkpoint = done
-        if stop:
+        if stopping:
             bar.close()
             return state, final, done, True
     if bar is not None:
@@ -577,6 +604,28 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     return config, args
 
 
+def check_coordinator_port(coordinator: str) -> None:
+    """Process 0 serves the run's coordinator on PORT of HOST:PORT: if it cannot, JAX crashes; say why now."""
+    import socket
+
+    host, _, port = coordinator.rpartition(":")
+    if not (host and port.isdigit()):
+        raise UserError(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {coordinator!r}.")
+    # JAX's coordinator listens on every address of the host ([::]:PORT), with SO_REUSEADDR: so only
+    # another program listening on PORT stops it, and that is what this probe finds.
+    for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((anywhere, int(port)))
+            return
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"process 0 cannot serve the coordinator at {coordinator}: another program listens "
+                                f"on port {port} there; choose another port.") from None
+    # No IPv6 and no IPv4 socket to probe with: leave the verdict to JAX.
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     config, args = parse_args(argv)
@@ -584,6 +633,8 @@ def main(argv=None) -> None:
     if any(v is not None for v in hosts) and not (None not in hosts and 0 <= args.process_id < args.num_processes):
         raise UserError("a run of several processes needs all of --coordinator HOST:PORT, --num-processes N and "
                         "--process-id I (0 <= I < N), the same coordinator and N on every host.")
+    if args.process_id == 0 and not watchdog.is_child():
+        check_coordinator_port(args.coordinator)
     if args.coordinator and not watchdog.is_child():  # see watchdog.py: a dead peer becomes one sentence
         sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
                                       args.process_id, args.peer_timeout))

@@ -4,8 +4,9 @@ When one process of a `jax.distributed` run dies (preempted, killed, out of memo
 learn it from the coordination service once the dead one's heartbeat times out, and JAX then
 aborts them from C++ with a page of log and a stack trace: bounded in time, but unreadable.
 So the command line runs each process's training as a child of a small watchdog (this module):
-the child's stderr goes to `workdir/logs/process-<i>.log`, and if the child dies that way, the
-watchdog prints what happened and what to do, and exits non-zero. Signals (SIGTERM, Ctrl-C) are
+the child's stderr (and, but for process 0's, its stdout) goes to `workdir/logs/process-<i>.log`,
+and if the child dies, the watchdog prints what happened (its own error, a peer that died, a run
+that never assembled) and what to do, and exits non-zero. Signals (SIGTERM, Ctrl-C) are
 passed on to the child, which saves a checkpoint as usual.
 """
 
@@ -19,6 +20,8 @@ import sys
 
 CHILD_FLAG = "MINIMOBILE_WATCHED_CHILD"
 PEER_DIED = ("another task died", "heartbeat timeout", "tasks are unhealthy", "Barrier failed")
+NEVER_JOINED = "CoordinationService/RegisterTask"  # with DEADLINE_EXCEEDED: the run never assembled
+TRACEBACK = "Traceback (most recent call last):"
 
 
 def is_child() -> bool:
@@ -30,8 +33,10 @@ def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: 
     log = pathlib.Path(workdir).expanduser() / "logs" / f"process-{process_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as stderr:
+        # Process 0 prints the run's progress; the others have nothing to say but gloo's chatter.
+        stdout = None if process_id == 0 else stderr
         child = subprocess.Popen([sys.executable, "-m", "minimobile.train", *argv],
-                                 env=dict(os.environ, **{CHILD_FLAG: "1"}), stderr=stderr)
+                                 env=dict(os.environ, **{CHILD_FLAG: "1"}), stdout=stdout, stderr=stderr)
         forward = lambda signum, frame: child.send_signal(signum)
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -43,8 +48,17 @@ def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: 
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     if code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT):  # done, or stopped and saved (it said so)
         return code
+    traceback = text.rpartition(TRACEBACK)[2] if TRACEBACK in text else ""
+    raised = [line for line in traceback.splitlines() if line and not line[0].isspace()]  # the exception's line
     if errors:  # the child's own one-sentence error
         print(errors[-1], file=sys.stderr)
+    elif raised and not any(marker in traceback for marker in (*PEER_DIED, NEVER_JOINED)):
+        # A failure of its own (a bug of ours, say), not a peer's: say what it was.
+        print(f"error: process {process_id} failed ({raised[0]}); see {log}.", file=sys.stderr)
+    elif NEVER_JOINED in text:
+        print(f"error: not every process of this run joined within {peer_timeout_s} s, so process {process_id} "
+              "stopped; start all of them with the same --coordinator and --num-processes (and a larger "
+              "--peer-timeout if they start far apart).", file=sys.stderr)
     elif any(marker in text for marker in PEER_DIED):
         print(f"error: another process of this run stopped answering for {peer_timeout_s} s (killed, preempted "
               f"or crashed), so process {process_id} stopped too; rerun the same command on every host to resume "

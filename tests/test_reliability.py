@@ -228,26 +228,105 @@ def test_a_full_disk_while_logging_stops_in_one_sentence_and_keeps_the_checkpoin
     assert train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)["count"] == 24  # and it resumes
 
 
-@pytest.mark.multiprocess
-def test_when_one_of_two_processes_dies_the_other_says_so_and_exits(tmp_path, cifar100_data_dir):
+def start_processes(workdir, data_dir, *extra, each=((), ()), peer_timeout=10, started=(0, 1)):
+    """The run of COMMAND (its mesh, not "jit") as two processes of 2 CPU devices each, on loopback.
+
+    `each`: flags for process 0 and for process 1 alone; `started`: which of them to start. Each
+    process is a session of its own, so a test can kill one whole (its watchdog and the training).
+    """
     from test_train import free_port
 
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, "-u", "-m", "minimobile.train", "--workdir", str(tmp_path),
-                               "--data-dir", cifar100_data_dir, *COMMAND[:-4], "--epochs", "500", "--coordinator",
-                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                               "--peer-timeout", "10"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True) for i in range(2)]
+    return [subprocess.Popen([sys.executable, "-u", "-m", "minimobile.train", "--workdir", str(workdir),
+                              "--data-dir", data_dir, *COMMAND[:-4], *extra, *own, "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(len(each)), "--process-id", str(i),
+                              "--peer-timeout", str(peer_timeout)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for i, own in enumerate(each) if i in started]
+
+
+@contextlib.contextmanager
+def killed_at_the_end(procs):
     try:
-        wait_for_line(procs[0], "epoch ")
-        os.killpg(procs[1].pid, signal.SIGKILL)  # the whole of process 1 (its watchdog and the training)
-        killed = time.time()
-        out, err = procs[0].communicate(timeout=120)
+        yield procs
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+def test_processes_started_with_different_flags_each_say_which_and_stop(tmp_path, cifar100_data_dir):
+    # Unchecked, another seed trains another model on each process (the checkpoint is process 0's,
+    # the metrics a mixture), and another batch size waits forever in the first collective.
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, each=(
+            ("--seed", "1"), ("--seed", "7", "--batch-size", "32")))) as procs:
+        results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 2 and err.strip() == (
+            "error: the processes of this run were started with different settings (batch_size, seed); "
+            "start every process with the same flags.")
+
+
+@pytest.mark.multiprocess
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_checkpoint_and_both_resume(tmp_path, cifar100_data_dir):
+    # A scheduler may signal only some processes; stopping alone would leave the other waiting forever.
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", "500")) as procs:
+        wait_for_line(procs[0], "epoch ")
+        procs[1].send_signal(signal.SIGTERM)                    # process 1's watchdog passes it on
+        results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, results
+    out = results[0][0]
+    assert "SIGTERM (by another process) received: saved a checkpoint at step" in out
+    saved = int(out.split("saved a checkpoint at step ")[1].split(";")[0].replace(",", ""))
+    assert max(Checkpoints(tmp_path).steps()) == saved
+
+    # That checkpoint damaged, both resume: one of them (process 0) moves it aside, once, and both
+    # go back to the one before it, together.
+    for f in (tmp_path / "checkpoints" / str(saved)).glob("*/d/*"):
+        f.write_bytes(b"\0" * 7)
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", str(saved // 4 + 1))) as procs:
+        results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert [p.name for p in (tmp_path / "checkpoints-unreadable").iterdir()] == [str(saved)]
+    logs = [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in range(2)]
+    assert f"warning: checkpoint {saved} is unreadable" in logs[0] and "unreadable" not in logs[1]
+    assert not any("Traceback" in log or "Event loop is closed" in log for log in logs)
+    assert f"resumed from epoch {saved // 4 - 1} (step {saved - 4})" in results[0][0]
+
+
+@pytest.mark.multiprocess
+def test_a_run_that_cannot_assemble_says_why_in_one_sentence(tmp_path, cifar100_data_dir):
+    import socket
+
+    from minimobile.train import check_coordinator_port
+
+    # Process 0 of two, alone: nobody joins it.
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, peer_timeout=3, started=(0,))) as procs:
+        out, err = procs[0].communicate(timeout=60)
+    assert procs[0].returncode != 0 and err.strip() == (
+        "error: not every process of this run joined within 3 s, so process 0 stopped; start all of them with the "
+        "same --coordinator and --num-processes (and a larger --peer-timeout if they start far apart).")
+    # The coordinator's port taken by another program (JAX would crash): one sentence, before JAX starts.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(UserError, match=f"another program listens on port {port} there; choose another port"):
+            check_coordinator_port(f"127.0.0.1:{port}")
+    check_coordinator_port(f"127.0.0.1:{port}")  # free again
+    with pytest.raises(UserError, match="--coordinator must be HOST:PORT"):
+        check_coordinator_port("127.0.0.1")
+
+
+@pytest.mark.multiprocess
+def test_when_one_of_two_processes_dies_the_other_says_so_and_exits(tmp_path, cifar100_data_dir):
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", "500")) as procs:
+        wait_for_line(procs[0], "epoch ")
+        os.killpg(procs[1].pid, signal.SIGKILL)  # the whole of process 1 (its watchdog and the training)
+        killed = time.time()
+        out, err = procs[0].communicate(timeout=120)
     assert time.time() - killed < 60
     assert procs[0].returncode != 0
     assert err.strip().startswith("error: another process of this run stopped answering for 10 s")
