@@ -283,10 +283,10 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_checkpoint_and_both_
     assert max(Checkpoints(tmp_path).steps()) == saved
 
     # That checkpoint damaged, both resume: one of them (process 0) moves it aside, once, and both
-    # go back to the one before it, together.
+    # go back to the one before it (an epoch earlier), together, and train that epoch again.
     for f in (tmp_path / "checkpoints" / str(saved)).glob("*/d/*"):
         f.write_bytes(b"\0" * 7)
-    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", str(saved // 4 + 1))) as procs:
+    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", str(saved // 4))) as procs:
         results = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert [p.name for p in (tmp_path / "checkpoints-unreadable").iterdir()] == [str(saved)]
