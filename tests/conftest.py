@@ -21,6 +21,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimobile-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# TFDS makes an empty temporary folder, and leaves it, each time it meets a dataset not yet prepared
+# (`DatasetInfo.initialize_from_bucket`): ~20 a run. Ours and our subprocesses' go to one folder,
+# removed at the end.
+if "MINIMOBILE_TEST_TMPDIR" not in os.environ:
+    os.environ["MINIMOBILE_TEST_TMPDIR"] = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="minimobile-tests-")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, os.environ["MINIMOBILE_TEST_TMPDIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
