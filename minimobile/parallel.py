@@ -175,15 +175,20 @@ def to_host(tree: Any, par: Parallel, batch_axis: int | None = None) -> Any:
 def differ_across_processes(values: dict[str, Any]) -> list[str]:
     """The keys of `values` whose value is not the same on every process of the run.
 
-    Each process hashes each value (as JSON) and only the hashes travel, so values of any size compare
-    in one gather of a few bytes.
+    Each process hashes each value (an array's bytes and shape, anything else as JSON) and only the
+    hashes travel, so values of any size compare in one gather of a few bytes.
     """
     if jax.process_count() == 1:
         return []
     from jax.experimental import multihost_utils
 
-    digest = lambda v: np.frombuffer(hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).digest()[:8],
-                                     np.uint8)
+    def digest(value) -> np.ndarray:  # [8] uint8
+        if isinstance(value, np.ndarray):
+            data = np.ascontiguousarray(value).tobytes() + repr((value.shape, value.dtype.str)).encode()
+        else:
+            data = json.dumps(value, sort_keys=True).encode()
+        return np.frombuffer(hashlib.sha256(data).digest()[:8], np.uint8)
+
     gathered = np.asarray(multihost_utils.process_allgather(np.stack([digest(v) for v in values.values()])))
     return [key for i, key in enumerate(values) if not (gathered[:, i] == gathered[0, i]).all()]  # [P, K, 8]
 

@@ -206,7 +206,8 @@ def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax
     CPU that is ~0.5 GB for MobileNet at batch 128, and the kernel maps and zero-fills it page by page
     (~125,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
     step. `num_steps` is a traced value, so one compiled program serves every count, and every step
-    runs the same compiled body: how steps are grouped into calls never changes the result, bit for bit.
+    runs the same compiled body: how steps are grouped into calls never changes the result, bit for bit
+    (the program of `loop=False` is compiled apart, and may differ from it in the last bits).
 
     `loop=False` compiles one step and no loop, for runs of one step per call (`num_steps` must be 1).
     A loop whose count is traced costs even when it runs once: XLA:CPU keeps the convolutions of a

@@ -112,9 +112,14 @@ class Workdir:
 
         An OS lock (flock) on `workdir/.lock`, held while the run lasts; the OS lets it go when the
         process ends however it ends (even SIGKILL), so no stale lock is ever left. Several processes
-        of one multi-host run share the workdir: process 0 holds the lock for all of them.
+        of one multi-host run share the workdir: process 0 holds the lock for all of them, and tells
+        them whether it got it (else they would wait for it in the run's first collective).
         """
+        busy = lambda owner: UserError(f"--workdir {self.path} is in use by another training run ({owner}); "
+                                       "wait for it to end, or choose another --workdir.")
         if jax.process_index() != 0:
+            if parallel.largest_across_processes(0):
+                raise busy("process 0 of this run found it locked")
             yield
             return
         import fcntl  # POSIX only, like the signals the loop handles
@@ -124,9 +129,9 @@ class Workdir:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                owner = f.read().strip() or "unknown"
-                raise UserError(f"--workdir {self.path} is in use by another training run (process {owner}); "
-                                "wait for it to end, or choose another --workdir.") from None
+                parallel.largest_across_processes(1)
+                raise busy(f"process {f.read().strip() or 'unknown'}") from None
+            parallel.largest_across_processes(0)
             f.truncate(0)
             f.write(f"{os.getpid()}\n")
             f.flush()
@@ -357,22 +362,28 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
         return _train(config, par, work, data_dir, dataset, progress)
 
 
+def check_processes_see_the_same(things: dict[str, Any]) -> None:
+    """Stop every process of a multi-host run in one sentence if they read different data or checkpoints."""
+    different = parallel.differ_across_processes(things)
+    if different:
+        raise UserError(f"the processes of this run see different {', '.join(different)}; give every process the "
+                        "same data (--data-dir) and one --workdir on a filesystem they all share.")
+
+
 def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str | None,
            dataset: data_lib.Dataset | None, progress: bool | None) -> dict[str, Any]:
     """`train_and_evaluate`, once the workdir is ours."""
     previous = work.check_same_model(config)
     ds = dataset or data_lib.load_dataset(config.dataset, data_dir, label_key=config.label_key)
+    check_processes_see_the_same({"train images": ds.train.images, "train labels": ds.train.labels,
+                                  "test images": ds.test.images, "test labels": ds.test.labels,
+                                  "class names": ds.class_names})
     run = build_run(config, ds, par)
     sched = run.sched
 
     # Resume from the newest readable checkpoint, if any.
     checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
-    different = parallel.differ_across_processes({
-        "train images": ds.train.labels.tolist(), "test images": ds.test.labels.tolist(),
-        "class names": ds.class_names, "checkpoints": checkpoints.steps()})
-    if different:
-        raise UserError(f"the processes of this run see different {' and '.join(different)}; give every process "
-                        "the same data (--data-dir) and one --workdir on a filesystem they all share.")
+    check_processes_see_the_same({"checkpoints": checkpoints.steps()})
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
     work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
     state = run.state
@@ -452,11 +463,12 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         state, metrics = run.steps(state, order, n)
         pending.append(metrics)
         done = step = step + n
+        reads = done % sched.log_every == 0 or done == sched.total_steps or sched.is_eval(done)
         # Several processes agree on a stop where the host waits for the device anyway.
-        waits = done % sched.log_every == 0 or done == sched.total_steps or sched.is_eval(done)
+        waits = reads or sched.is_checkpoint(done)
         stopping = stop.agree() if waits or jax.process_count() == 1 else False
 
-        if waits or stopping:
+        if reads or stopping:
             # The only place the host waits for the device during training.
             values = jax.device_get([parallel.unreplicate(m, par) for m in pending])
             num_steps = sum(int(v["steps"]) for v in values)

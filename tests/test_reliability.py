@@ -257,16 +257,31 @@ def killed_at_the_end(procs):
 
 
 @pytest.mark.multiprocess
-def test_processes_started_with_different_flags_each_say_which_and_stop(tmp_path, cifar100_data_dir):
+def test_processes_that_disagree_each_say_on_what_and_stop(tmp_path, cifar100_data_dir):
     # Unchecked, another seed trains another model on each process (the checkpoint is process 0's,
     # the metrics a mixture), and another batch size waits forever in the first collective.
-    with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, each=(
-            ("--seed", "1"), ("--seed", "7", "--batch-size", "32")))) as procs:
-        results = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 2 and err.strip() == (
-            "error: the processes of this run were started with different settings (batch_size, seed); "
-            "start every process with the same flags.")
+    import cifar_files
+
+    other_data = cifar_files.make_prepared_cifar_dir(tmp_path / "other", "cifar100", n_train=64, n_test=20, seed=5)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    cases = [
+        (tmp_path / "flags", (("--seed", "1"), ("--seed", "7", "--batch-size", "32")),
+         "the processes of this run were started with different settings (batch_size, seed); start every process "
+         "with the same flags."),
+        (tmp_path / "data", ((), ("--data-dir", other_data)),  # the later --data-dir wins
+         "the processes of this run see different train images, train labels, test images, test labels; give every "
+         "process the same data (--data-dir) and one --workdir on a filesystem they all share."),
+        (busy, ((), ()), "--workdir {busy} is in use by another training run ({owner}); wait for it to end, or "
+                         "choose another --workdir."),
+    ]
+    with train.Workdir(busy).lock():                      # another run holds `busy`: only process 0 can tell
+        for workdir, each, message in cases:
+            with killed_at_the_end(start_processes(workdir, cifar100_data_dir, each=each)) as procs:
+                results = [p.communicate(timeout=120) for p in procs]
+            owners = (f"process {os.getpid()}", "process 0 of this run found it locked")
+            for i, (p, (out, err)) in enumerate(zip(procs, results)):
+                assert p.returncode == 2 and err.strip() == "error: " + message.format(busy=busy, owner=owners[i])
 
 
 @pytest.mark.multiprocess

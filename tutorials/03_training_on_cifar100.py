@@ -262,7 +262,7 @@ EPOCHS = 3 if QUICK else 40
 config = Config(width=0.125 if QUICK else 0.25, batch_size=32, epochs=EPOCHS, learning_rate=0.1,
                 warmup_epochs=1 if QUICK else 3, parallel="jit", log_every_steps=5,
                 checkpoint_every_steps=EPOCHS * (len(ds.train.labels) // 32),   # one checkpoint, at the end
-                keep_checkpoints=1)
+                keep_checkpoints=1, steps_per_call=16)  # what auto picks on a CPU; fixed, for GPUs too
 par = parallel.setup(config.parallel)
 run = train.build_run(config, ds, par)
 n_params = sum(x.size for x in jax.tree.leaves(run.state.params))
@@ -378,8 +378,9 @@ print("same state in, same step out:",
 # the loop reuses it (`python -m minimobile.bench --steps-per-call 1` shows the difference). The count
 # is an argument of the compiled program, so one program serves every count, and every step runs
 # the same compiled body: grouping never changes a bit of the result. (A run of one step per call,
-# the default on GPU, compiles its step with no loop at all: a loop costs even when it runs once,
-# see `steps.train_steps_on_device_data`.)
+# the default on GPU, compiles its step with no loop at all, since a loop costs even when it runs
+# once; that program is compiled apart, and may differ in the last bits: see
+# `steps.train_steps_on_device_data`.)
 
 # %%
 state_d, sums = run.steps(fresh_copy(), order, 2)                  # two steps in one call
