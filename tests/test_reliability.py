@@ -307,6 +307,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_checkpoint_and_both_
     assert [p.name for p in (tmp_path / "checkpoints-unreadable").iterdir()] == [str(saved)]
     logs = [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in range(2)]
     assert f"warning: checkpoint {saved} is unreadable" in logs[0] and "unreadable" not in logs[1]
+    assert results[0][1].startswith(f"warning: checkpoint {saved} is unreadable") and results[1][1] == ""  # stderr
     assert not any("Traceback" in log or "Event loop is closed" in log for log in logs)
     assert f"resumed from epoch {saved // 4 - 1} (step {saved - 4})" in results[0][0]
 
