@@ -352,7 +352,9 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir:
     # First: a process that refused its own flags alone would leave the others waiting for it.
     different = parallel.differ_across_processes(dataclasses.asdict(config))
     if different:
-        raise UserError(f"the processes of this run were started with different settings ({', '.join(different)}); "
+        flag_of = {field: flag for flag, field in FLAGS.items()}
+        names = ", ".join(flag_of.get(f, f) for f in different)
+        raise UserError(f"the processes of this run were started with different settings ({names}); "
                         "start every process with the same flags.")
     validate(config)
     par = parallel.setup(config.parallel)
@@ -584,8 +586,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--batch-size", type=int, help="global batch, split evenly across all devices")
     p.add_argument("--width", type=float, help="width multiplier alpha (1.0, 0.75, 0.5, 0.25)")
     p.add_argument("--block", choices=("separable", "standard"), help="'standard' = the full-convolution baseline")
-    p.add_argument("--seed", type=int, help="one seed for the initialisation, data order, augmentation and dropout (dropout's masks also "
-                        "depend on the number of devices)")
+    p.add_argument("--seed", type=int, help="one seed for the initialisation, data order, augmentation and dropout "
+                                            "(dropout's masks also depend on the number of devices)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="compute dtype (params stay float32)")
     p.add_argument("--learning-rate", type=float, help="the peak learning rate (after warmup)")
     p.add_argument("--weight-decay", type=float,

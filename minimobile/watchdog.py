@@ -5,8 +5,9 @@ learn it from the coordination service once the dead one's heartbeat times out, 
 aborts them from C++ with a page of log and a stack trace: bounded in time, but unreadable.
 So the command line runs each process's training as a child of a small watchdog (this module):
 the child's stderr (and, but for process 0's, its stdout) goes to `workdir/logs/process-<i>.log`
-(process 0's warnings to the user as well), and if the child dies, the watchdog prints what happened (its own error, a peer that died, a run
-that never assembled) and what to do, and exits non-zero. Signals (SIGTERM, Ctrl-C) are
+(process 0's warnings to the user as well), and if the child dies, the watchdog prints what
+happened (its own error, a peer that died, a run that never assembled) and what to do, and exits
+non-zero. Signals (SIGTERM, Ctrl-C) are
 passed on to the child, which saves a checkpoint as usual.
 """
 
@@ -35,8 +36,9 @@ def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: 
     with log.open("w") as stderr:
         # Process 0 prints the run's progress; the others have nothing to say but gloo's chatter.
         stdout = None if process_id == 0 else stderr
-        child = subprocess.Popen([sys.executable, "-m", "minimobile.train", *argv], env=dict(os.environ, **{CHILD_FLAG: "1"}),
-                                 stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace")
+        child = subprocess.Popen([sys.executable, "-m", "minimobile.train", *argv],
+                                 env=dict(os.environ, **{CHILD_FLAG: "1"}), stdout=stdout, stderr=subprocess.PIPE,
+                                 text=True, errors="replace")
         forward = lambda signum, frame: child.send_signal(signum)
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -267,7 +267,7 @@ def test_processes_that_disagree_each_say_on_what_and_stop(tmp_path, cifar100_da
     busy.mkdir()
     cases = [
         (tmp_path / "flags", (("--seed", "1"), ("--seed", "7", "--batch-size", "32")),
-         "the processes of this run were started with different settings (batch_size, seed); start every process "
+         "the processes of this run were started with different settings (--batch-size, --seed); start every process "
          "with the same flags."),
         (tmp_path / "data", ((), ("--data-dir", other_data)),  # the later --data-dir wins
          "the processes of this run see different train images, train labels, test images, test labels; give every "
