@@ -154,9 +154,6 @@ class StopRequest:
         self.signal: int | None = None
         self.by_another_process = False
 
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
     def agree(self) -> bool:
         """Stop now? The same answer on every process: a signal that reached one of them stops all.
 
