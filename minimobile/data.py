@@ -76,7 +76,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, label_key: str = "la
     builder = _builder(name, data_dir, label_key, download)
     train, test = (_read(builder, name, split, label_key) for split in ("train", "test"))
     if len(train.labels) == 0:
-        raise UserError(f"The train split of {name} in {builder.data_dir} is empty; prepare it again.")
+        raise UserError(f"The train split of {name} in {builder.data_dir} is empty; "
+                        "delete that folder and run again to prepare it afresh.")
     mean, std = _channel_mean_std(train.images)
     names = tuple(builder.info.features[label_key].names)
     return Dataset(name, train, test, len(names), names, mean, std)

@@ -33,8 +33,9 @@ def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
         raise UserError(f"{workdir} holds no training run (no config.json); train one first with "
                         f"`python -m minimobile.train --workdir {workdir}`.") from None
     except (OSError, ValueError) as e:  # a file for a workdir, a damaged config.json, ...
-        raise UserError(f"cannot read the run in {workdir} ({getattr(e, 'strerror', None) or e}); "
-                        "check --workdir.") from None
+        raise UserError(f"cannot read the run in {workdir} ({getattr(e, 'strerror', None) or e}); its "
+                        "config.json and dataset.json record how it was trained: restore them, or point "
+                        "--workdir at another run.") from None
     return config, info
 
 

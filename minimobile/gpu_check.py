@@ -146,7 +146,9 @@ def main(argv=None) -> None:
 
         if jax.default_backend() != "gpu" and not args.allow_cpu:
             write({"what": "error", "error": f"JAX sees no GPU (backend {jax.default_backend()}): nothing measured"})
-            raise SystemExit(1)
+            raise SystemExit(f"error: JAX sees no GPU here (backend {jax.default_backend()}), so nothing was measured; "
+                             "install JAX's CUDA build (pip install -e '.[cuda12]', or '.[cuda13]'), "
+                             "or pass --allow-cpu for a dry run.")
         try:
             import torch
 

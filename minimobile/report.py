@@ -91,8 +91,13 @@ def _pyplot():
     return plt
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: str = "") -> pathlib.Path:
-    """Loss and accuracy against step, train and test, in one PNG."""
+def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: str = "",
+                train_loss_floor: float | None = None) -> pathlib.Path:
+    """Loss and accuracy against step, train and test, in one PNG.
+
+    train_loss_floor: the lowest training loss label smoothing allows (`steps.lowest_train_loss`),
+    drawn as a dotted line, so that nobody reads the gap between it and the test loss as a verdict.
+    """
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for prefix, style in (("train", "-"), ("eval", "o-")):
@@ -103,6 +108,9 @@ def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: 
         label = "train (augmented, running)" if prefix == "train" else "test"
         ax_loss.plot(steps, [r[f"{prefix}_loss"] for r in rows], style, label=label, markersize=3)
         ax_acc.plot(steps, [100 * r[f"{prefix}_accuracy"] for r in rows], style, label=label, markersize=3)
+    if train_loss_floor:
+        ax_loss.axhline(train_loss_floor, color="C0", linestyle=":", linewidth=1,
+                        label=f"lowest train loss ({train_loss_floor:.2f}: smoothed targets)")
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="step", ylabel="top-1 accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):

@@ -148,7 +148,7 @@ class Workdir:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current step, save, exit."""
+    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current call (up to --steps-per-call steps), save, exit."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -425,7 +425,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     curves = work.path / "curves.png"
     if jax.process_index() == 0 and records:
         try:
-            report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}")
+            report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}",
+                               train_loss_floor=steps.lowest_train_loss(ds.num_classes, config.label_smoothing))
         except OSError as e:  # the run itself is complete and saved: a missing figure is no reason to fail it
             print(f"warning: could not write {curves} ({e.strerror or e}).", file=sys.stderr)
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
@@ -573,13 +574,14 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                                 epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="a documented starting config (default: %(default)s; listed below)")
-    p.add_argument("--dataset", choices=data_lib.DATASETS, help="cifar100 (default) or cifar10")
+    p.add_argument("--dataset", choices=data_lib.DATASETS, help="cifar100 or cifar10 (default: the recipe's; cifar10 for seed-tf*)")
     p.add_argument("--labels", choices=("label", "coarse_label"), help="cifar100: fine (100) or coarse (20) labels")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
     p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics and figures go here; "
                    "rerunning with the same workdir resumes")
-    p.add_argument("--epochs", type=int, help="passes over the train split (more than a finished run's: it trains on)")
-    p.add_argument("--steps", type=int, help="count the run in steps instead of epochs")
+    p.add_argument("--epochs", type=int, help="passes over the train split, in place of a recipe's --steps "
+                                                "(more than a finished run's: it trains on)")
+    p.add_argument("--steps", type=int, help="count the run in steps instead of epochs (0: in epochs)")
     p.add_argument("--batch-size", type=int, help="global batch, split evenly across all devices")
     p.add_argument("--width", type=float, help="width multiplier alpha (1.0, 0.75, 0.5, 0.25)")
     p.add_argument("--block", choices=("separable", "standard"), help="'standard' = the full-convolution baseline")
@@ -588,7 +590,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="compute dtype (params stay float32)")
     p.add_argument("--learning-rate", type=float, help="the peak learning rate (after warmup)")
     p.add_argument("--weight-decay", type=float,
-                   help="L2 on conv and dense kernels (not depthwise kernels, BatchNorm or biases)")
+                   help="on conv and dense kernels (not depthwise kernels, BatchNorm or biases): L2 with SGD, "
+                        "decoupled (AdamW) with Adam")
     p.add_argument("--dropout", type=float, help="dropout rate before the classifier")
     p.add_argument("--augment", choices=augment_lib.AUGMENTATIONS,
                    help="standard: pad-4 crop + flip; seed: the report's; none")
@@ -613,6 +616,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     config = recipe(args.recipe)
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in FLAGS.items()}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if args.epochs is not None and args.steps:
+        raise UserError("give --epochs or --steps, not both: a run counts in one of them.")
+    if args.epochs is not None and args.steps is None:
+        config = config.replace(steps=0)  # a recipe counted in steps (seed-tf) now counts the epochs asked for
     return config, args
 
 

@@ -166,3 +166,15 @@ def test_the_gpu_check_runs_every_section_and_writes_its_table(tmp_path):
     # Every impl x dtype, the default one at the recipe's batch, then the sweep's batch.
     assert kinds.count("train_step") == 2 * len(gpu_check.IMPLS) + 2
     assert "deterministic_ops" in kinds and "recipe_estimate" in kinds and "| implementation | dtype |" in text
+
+
+def test_the_gpu_check_without_a_gpu_says_what_to_do_and_measures_nothing(tmp_path):
+    from minimobile import gpu_check
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU: the check would measure it")
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--out", str(tmp_path / "gpu_check.txt")])
+    assert "JAX sees no GPU here" in str(stopped.value.code) and "--allow-cpu" in str(stopped.value.code)
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.txt").read_text().splitlines()]
+    assert [r["what"] for r in rows] == ["machine", "error"]

@@ -104,7 +104,7 @@ def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choice
             restore(checkpoints, make_state(0, 0.0), which)
     checkpoints.close()
     (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(UserError, match="cannot read the run in .*; check --workdir"):
+    with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
         load_run_config(tmp_path)
-    with pytest.raises(UserError, match="cannot read the run in .*; check --workdir"):
+    with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
         load_run_config(tmp_path / "config.json")                # a file given as the workdir

@@ -38,7 +38,7 @@ def test_the_figures_are_png_files(tmp_path):
     records = [{"step": s, "epoch": s / 10, "train_loss": 4 - s / 100, "train_accuracy": s / 200}
                for s in (10, 20, 30)] + [{"step": 30, "epoch": 3.0, "eval_loss": 3.9, "eval_accuracy": 0.1,
                                           "eval_accuracy_top5": 0.3}]
-    curves = report.plot_curves(records, tmp_path / "curves.png", title="a run")
+    curves = report.plot_curves(records, tmp_path / "curves.png", title="a run", train_loss_floor=0.78)
     matrix = report.plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "confusion.png")
     for path in (curves, matrix):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000

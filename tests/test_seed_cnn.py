@@ -15,6 +15,7 @@ from jax import lax
 
 from minimobile import augment, steps
 from minimobile.config import RECIPES, recipe
+from minimobile.errors import UserError
 from minimobile.seed_cnn import SeedCNN, SeedSeparableBlock, fold_batch_norm, parameter_count
 from minimobile.train import parse_args, train_and_evaluate
 
@@ -148,6 +149,11 @@ def test_recipes_are_the_reports_setup_and_ours_keeps_the_budget():
     # `--recipe seed-tf` alone picks CIFAR-10; --dataset and --steps still override.
     assert parse_args(["--recipe", "seed-tf"])[0] == tf
     assert parse_args(["--recipe", "seed-tf", "--steps", "30"])[0].steps == 30
+    # A recipe counted in steps counts the epochs a user asks for instead, never ignores them.
+    by_epochs = parse_args(["--recipe", "seed-tf", "--epochs", "3"])[0]
+    assert (by_epochs.steps, by_epochs.epochs) == (0, 3)
+    with pytest.raises(UserError, match="give --epochs or --steps, not both"):
+        parse_args(["--epochs", "3", "--steps", "30"])
 
 
 def test_our_recipe_warms_up_then_anneals_and_its_batch_norm_network_learns():
