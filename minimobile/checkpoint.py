@@ -10,9 +10,12 @@ not damaged: it is the wrong run, so we stop and say so, and move nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -45,6 +48,16 @@ def _arrays_handler() -> ocp.PyTreeCheckpointHandler:
         type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, whole)))
 
 
+def write_error_code(error: Exception | str) -> int | None:
+    """The errno of a failed write that orbax reports as TensorStore's ValueError, or None if it is not one.
+
+    orbax writes arrays with TensorStore, whose errors arrive as `ValueError("RESOURCE_EXHAUSTED: ...
+    No space left on device [os_error_code='28']")`, not as OSError.
+    """
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    return int(found.group(1)) if found else None
+
+
 def _test_accuracy(metrics: dict[str, float]) -> float:
     """What makes a checkpoint the best: the test accuracy it was saved with."""
     return metrics["eval_accuracy"]
@@ -75,14 +88,29 @@ def _quiet_failed_reads() -> None:
         sys.unraisablehook = _ClosedEventLoopIsNoise(sys.unraisablehook)
 
 
-class _NoEvaluationIsFine(logging.Filter):
-    """Drops orbax's warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save)."""
+class _OrbaxNoise(logging.Filter):
+    """Drops the orbax log records that would only bury our own messages.
+
+    - the warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save);
+    - the tracebacks of a background write that failed (a full disk), from each of orbax's threads
+      and asyncio tasks: `Checkpoints` says it in one sentence when the next save or `wait` finds it;
+    - once that sentence is said, any later error of those threads (they stumble over the shut-down
+      manager on the way out): the run is over, and they only repeat why.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.write_failed = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        error = record.exc_info[1] if record.exc_info else message
+        failed_write = write_error_code(error) is not None or write_error_code(message) is not None
+        after_failure = self.write_failed and record.levelno >= logging.ERROR
+        return not ("did not provide metrics" in message or failed_write or after_failure)
 
 
-NO_EVALUATION_IS_FINE = _NoEvaluationIsFine()  # one object: adding it again is a no-op
+ORBAX_NOISE = _OrbaxNoise()  # one object: adding it again is a no-op
 
 
 def array_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -139,7 +167,8 @@ class Checkpoints:
                                                enable_async_checkpointing=True,
                                                best_fn=_test_accuracy, best_mode="max")
         self._set_aside_unreadable_metrics()
-        logging.getLogger("absl").addFilter(NO_EVALUATION_IS_FINE)
+        for logger in ("absl", "asyncio"):  # orbax logs through absl; its failed tasks through asyncio
+            logging.getLogger(logger).addFilter(ORBAX_NOISE)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_arrays_handler())
         except OSError as e:
@@ -150,24 +179,36 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
-        """Start writing (asynchronously: training goes on while the files are written)."""
+        """Start writing (asynchronously: training goes on while the files are written).
+
+        A write that fails in the background (a full disk) is reported here, by the next save, or by `wait`.
+        """
         try:
             self.manager.save(step, args=ocp.args.PyTreeSave(state_to_tree(state)), metrics=metrics, force=True)
-        except OSError as e:
-            self._lost_write(step, e)
+        except Exception as e:  # noqa: BLE001 - _lost_write re-raises what is not a failed write
+            self._lost_write(e)
 
     def wait(self) -> None:
         """Block until the last save is complete on disk."""
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
-            self._lost_write(None, e)
+        except Exception as e:  # noqa: BLE001 - as in save
+            self._lost_write(e)
 
-    def _lost_write(self, step, error: OSError):
-        kept = [s for s in self.steps() if step is None or s != step]
+    def _lost_write(self, error: Exception):
+        """One sentence for a checkpoint the disk refused; any other error goes on as it was."""
+        if isinstance(error, OSError):
+            code, reason = error.errno, error.strerror or str(error)
+        elif (code := write_error_code(error)) is not None:
+            reason = os.strerror(code)
+        else:
+            raise error
+        ORBAX_NOISE.write_failed = True
+        kept = self.steps()  # finished checkpoints only: a failed write leaves a temporary directory
         last = f"the last good checkpoint (step {kept[-1]}) is intact" if kept else "no earlier checkpoint exists"
-        raise UserError(f"could not write a checkpoint to {self.directory} ({error.strerror or error}); "
-                        f"{last}: free some space and rerun the same command to resume.") from None
+        todo = "free some space and" if code in (errno.ENOSPC, errno.EDQUOT) else "once it can be written to again,"
+        raise UserError(f"could not write a checkpoint to {self.directory} ({reason}); "
+                        f"{last}: {todo} rerun the same command to resume.") from None
 
     def restore_latest(self, state) -> tuple[Any, int | None]:
         """(state, step) from the newest readable checkpoint, or (state, None) if there is none.

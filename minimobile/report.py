@@ -68,7 +68,27 @@ class MetricsWriter:
             try:
                 self.tensorboard.close()
             except OSError:  # events are a nicety: never let them hide why a run stopped
+                _abandon(self.tensorboard)
+
+
+def _abandon(summary_writer) -> None:
+    """Give up a tensorboardX writer whose last flush failed (a full disk), without a word.
+
+    tensorboardX then leaves its writer thread running and its event file open, and tries the same
+    flush again at exit: two tracebacks after our one-sentence error. These are its private parts,
+    so anything unexpected is ignored (and only brings the tracebacks back).
+    """
+    try:
+        for file_writer in summary_writer.all_writers.values():
+            events = file_writer.event_writer
+            events._worker.stop()
+            events._closed = True                    # its exit hook now does nothing
+            try:
+                events._ev_writer._py_recordio_writer._writer.close()
+            except OSError:                          # the same full disk: the file is closed all the same
                 pass
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _parse(line: str) -> dict:

@@ -412,8 +412,15 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
                 flag = "--steps" if config.steps else "--epochs"
                 say(f"already trained for {start:,} steps; pass a larger {flag} to train longer.")
                 final = run.evaluate(state)[0]
-        finally:
+        except BaseException:
+            # Let the pending write finish, or fail, before we stop; the error in flight is the one to
+            # report (the write's own failure, if that is what it was, only says it again).
+            with contextlib.suppress(UserError):
+                checkpoints.wait()
+            raise
+        else:
             checkpoints.wait()
+        finally:
             checkpoints.close()
             writer.close()
     if stopped:

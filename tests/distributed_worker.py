@@ -2,7 +2,7 @@
 
 Each process has 2 CPU devices (XLA_FLAGS set by the test); together they form one 4-device mesh over
 loopback. From each state of the 1-device reference run (DIR/reference.npz), both processes take the
-same training step together; process 0 saves the losses and new parameters to DIR/result.npz.
+same training step together; process 0 saves the losses and new states to DIR/result.npz.
 """
 
 import pathlib
@@ -29,7 +29,9 @@ losses, results = [], {}
 for k in range(len(leaves) // per_state - 1):
     loss, state = step_from(run, jax.tree.unflatten(treedef, leaves[k * per_state:(k + 1) * per_state]))
     losses.append(loss)
-    results.update({f"params_{k}_{i}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(state.params))})
+    for part in ("params", "batch_stats"):
+        results.update({f"{part}_{k}_{i}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(getattr(state, part)))})
+    results[f"step_{k}"] = np.asarray(state.step)
 if process_id == 0:
     np.savez(folder / "result.npz", losses=np.asarray(losses), **results)
 jax.distributed.shutdown()

@@ -28,7 +28,7 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
                 "input_pipeline_images_per_sec", "macs_per_image", "depthwise_impl", "backend"):
         assert key in result, key
     assert result["depthwise_impl"] == "feature_group_count" and result["batch_size"] == 4
-    assert result["steps_per_call"] == 2 and result["steps_per_repeat"] == 3   # timed as calls of 2 + 1 steps
+    assert result["steps_per_call"] == 2 and result["steps_per_repeat"] == 3
     assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
 
 
@@ -70,9 +70,11 @@ def test_a_pytorch_that_fails_costs_the_comparison_only(capsys, monkeypatch):
 
 
 def test_unknown_implementation_is_a_one_line_error(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         bench.main(["--depthwise-impl", "winograd"])
-    assert "depthwise_impl" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code != 0 and err.startswith("error: depthwise_impl must be") and "'winograd'" in err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,13 @@ def test_imagenet_stem_reduces_224_to_7x7_before_pooling_as_in_table_1():
 
 
 def test_cifar_stem_keeps_32x32_and_width_thins_every_layer():
+    table_1 = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]  # the stem's, each block's
+    for width in (0.5, 0.25):
+        model = MobileNetV1(num_classes=0, stem="cifar", width=width)
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+        channels = [params["stem"]["conv"]["kernel"].shape[-1]] + [
+            params[b]["pointwise"]["pointwise"]["kernel"].shape[-1] for b in sorted(p for p in params if "block" in p)]
+        assert channels == [int(c * width) for c in table_1]
     assert features_shape(MobileNetV1(num_classes=0, stem="cifar", width=0.5), 32) == (2, 512)
     assert features_shape(MobileNetV1(num_classes=0, stem="cifar", width=0.25), 32) == (2, 256)
     # The resolution multiplier is just the input size: same parameters, any resolution.
@@ -39,14 +46,18 @@ def test_cifar_stem_keeps_32x32_and_width_thins_every_layer():
 def test_apply_is_a_pure_function_of_its_variables():
     model = MobileNetV1_Tiny()
     variables = init_variables(model, jax.random.key(0))
+    before = jax.tree.map(np.array, variables)                       # host copies, out of JAX's reach
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-    np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
-    # Training mode returns the new BatchNorm statistics instead of hiding them in the module.
+    # Training mode returns the new BatchNorm statistics instead of hiding them in the module ...
     logits, updates = apply(variables, x, train=True, mutable=("batch_stats",))
     assert logits.shape == (4, 10)
     old, new = variables["batch_stats"]["stem"]["bn"]["mean"], updates["batch_stats"]["stem"]["bn"]["mean"]
     assert not np.allclose(old, new)
+    # ... or in the variables it was given: those are untouched, and the module remembers nothing, so
+    # it evaluates exactly as a model built afresh does from the same variables.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, variables), before)
+    np.testing.assert_array_equal(apply(variables, x), jax.jit(MobileNetV1_Tiny().apply)(before, x))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits_and_agrees_with_float32():
@@ -57,7 +68,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_and_agrees_with_float3
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init_variables(bf16, jax.random.key(0))))
     y32, y16 = jax.jit(f32.apply)(variables, x), jax.jit(bf16.apply)(variables, x)
     assert y16.dtype == jnp.float32
-    np.testing.assert_allclose(y16, y32, atol=0.1 * float(jnp.abs(y32).max()))
+    # Measured: off by 1.3 % of the largest logit (bfloat16 keeps 8 bits of mantissa, ~0.4 % per rounding).
+    np.testing.assert_allclose(y16, y32, atol=0.03 * float(jnp.abs(y32).max()))
 
 
 def test_dropout_before_the_classifier_is_active_only_in_training():
@@ -67,8 +79,9 @@ def test_dropout_before_the_classifier_is_active_only_in_training():
     train = jax.jit(lambda rng: model.apply(variables, x, train=True, mutable=["batch_stats"],
                                             rngs={"dropout": rng})[0])
     assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
-    evaluate = jax.jit(lambda: model.apply(variables, x))
-    np.testing.assert_array_equal(evaluate(), evaluate())
+    # Evaluation drops nothing: the same logits as the network without dropout, from the same variables.
+    without = MobileNetV1_Tiny(dropout_rate=0.0)
+    np.testing.assert_array_equal(jax.jit(model.apply)(variables, x), jax.jit(without.apply)(variables, x))
 
 
 def test_dropout_zeroes_a_fraction_p_of_the_pooled_features_and_scales_the_rest_by_1_over_1_minus_p():

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from minimobile import data as data_lib
 from minimobile import train
 from minimobile.checkpoint import Checkpoints
 from minimobile.errors import UserError
@@ -143,7 +144,9 @@ def run_main(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "cifar100", "--data-dir", "/nonexistent/tfds", "--epochs", "1"], "error: "),
+    # No network here, and none for this test anywhere (it would download CIFAR-100 into TMP/tfds):
+    (["--dataset", "cifar100", "--data-dir", "TMP/tfds", "--epochs", "1"],
+     "error: cifar100 is not prepared in TMP/tfds and cannot be downloaded from here: pass --data-dir"),
     (["--epochs", "0"], "error: --epochs must be positive"),
     (["--epochs", "-3"], "error: --epochs must be positive"),
     (["--width", "0"], "error: --width must be positive"),
@@ -154,12 +157,18 @@ def run_main(argv, capsys):
     (["--weight-decay", "-1"], "error: --weight-decay must be 0 or positive"),
     (["--seed", str(2 ** 64)], "error: --seed must be between 0 and 2**32 - 1"),
     (["--log-every", "0"], "error: --log-every must be at least 1"),
+    (["--learning-rate", "nan"], "error: --learning-rate must be positive, got nan"),
+    (["--steps", "-1"], "error: --steps must be positive (or 0 to count in epochs)"),
+    (["--steps-per-call", "-1"], "error: --steps-per-call must be positive (or 0 for auto)"),
+    (["--epochs", "3", "--steps", "30"], "error: give --epochs or --steps, not both"),
     (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
 ])
-def test_bad_input_ends_in_one_sentence_and_a_nonzero_exit(tmp_path, capsys, argv, message):
+def test_bad_input_ends_in_one_sentence_and_a_nonzero_exit(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(data_lib, "_reachable", lambda url: False)
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     code, err = run_main(["--workdir", str(tmp_path / "w"), *argv], capsys)
-    assert code != 0 and err.startswith(message)
+    assert code != 0 and err.startswith(message.replace("TMP", str(tmp_path)))
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
@@ -186,18 +195,67 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lo
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
 
 
-def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    ds = sample_dataset()
-    train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)   # step 4 is safely on disk
+def files_of_at_most(size: int):
+    """For subprocess's preexec_fn: every file the process writes stops growing at `size` bytes.
 
-    def no_space(self, step, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    A write past it fails with EFBIG, as one on a full disk fails with ENOSPC (no root needed, unlike
+    a small filesystem): the same failure, at the same place, a moment later.
+    """
+    import resource
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
-    with pytest.raises(UserError, match=r"No space left on device\); the last good checkpoint \(step 4\) is intact"):
-        train.train_and_evaluate(TINY.replace(epochs=2), tmp_path, dataset=ds)
-    monkeypatch.undo()
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_sentence_and_keeps_the_last_good_one(
+        tmp_path, cifar100_data_dir):
+    # orbax writes in background threads, through TensorStore: a write that fails there surfaces at the
+    # next save or at the end, as a ValueError, among tracebacks from every thread it touched.
+    # (A resume from what such a run leaves, a temporary directory beside the good checkpoints, is what
+    # the SIGKILL test above does many times.)
+    def run(*flags, **kwargs):
+        return subprocess.run([sys.executable, "-m", "minimobile.train", "--workdir", str(tmp_path), "--data-dir",
+                               cifar100_data_dir, *COMMAND, *flags], capture_output=True, text=True, timeout=240, **kwargs)
+
+    assert run("--epochs", "1").returncode == 0                           # step 4 is safely on disk
+    # Its checkpoints' files are larger than 20 kB (no compilation cache: its files are too).
+    refused = run("--epochs", "3", "--compilation-cache", "none", preexec_fn=files_of_at_most(20_000))
+    assert refused.returncode != 0 and refused.stderr.strip() == (
+        f"error: could not write a checkpoint to {tmp_path / 'checkpoints'} (File too large); the last good "
+        "checkpoint (step 4) is intact: once it can be written to again, rerun the same command to resume.")
     assert Checkpoints(tmp_path).steps() == [4]
+
+
+def test_a_full_disk_is_named_and_any_other_failure_to_save_is_not_taken_for_one(tmp_path, monkeypatch):
+    import types
+
+    from minimobile import checkpoint
+
+    monkeypatch.setattr(checkpoint.ORBAX_NOISE, "write_failed", False)  # set by a failure; put back after the test
+    checkpoints = Checkpoints(tmp_path)
+    state = types.SimpleNamespace(step=0, params={}, batch_stats={}, opt_state={})
+    for failure, raised in [
+        # What TensorStore reports for a full disk, and what Python's own writes raise.
+        (ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/d/1\": Failed writing: \"x/d/1\": Failed "
+                    "to write 42644 bytes to file 9: No space left on device [os_error_code='28']"), UserError),
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), UserError),
+        (ValueError("a bug of ours, not a disk's"), ValueError),
+    ]:
+        def failing_save(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(checkpoints.manager, "save", failing_save)
+        with pytest.raises(raised) as error:
+            checkpoints.save(4, state)
+        if raised is UserError:
+            assert str(error.value) == (f"could not write a checkpoint to {tmp_path / 'checkpoints'} (No space left on "
+                                        "device); no earlier checkpoint exists: free some space and rerun the same "
+                                        "command to resume.")
+        else:
+            assert error.value is failure
+    checkpoints.close()
 
 
 def test_a_full_disk_while_logging_stops_in_one_sentence_and_keeps_the_checkpoints(tmp_path, monkeypatch):

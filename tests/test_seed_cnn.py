@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from minimobile import augment, steps
+from minimobile import augment, parallel, steps, train
+from minimobile import data as data_lib
+from minimobile.checkpoint import Checkpoints
 from minimobile.config import RECIPES, recipe
 from minimobile.errors import UserError
 from minimobile.seed_cnn import SeedCNN, SeedSeparableBlock, fold_batch_norm, parameter_count
@@ -210,6 +212,16 @@ def test_seed_tf_recipe_trains_evaluates_at_its_steps_and_resumes_from_the_comma
         assert (12 * r["eval_accuracy"]) == pytest.approx(round(12 * r["eval_accuracy"]))
         assert (8 * r["eval_accuracy_first_8"]) == pytest.approx(round(8 * r["eval_accuracy_first_8"]))
     assert final["count"] == 12 and final["accuracy"] == evals[40]["eval_accuracy"]
+    # The report's figure, accuracy on the first 8 test images, against the saved network's own answers
+    # for exactly those images (inputs scaled to [-1, 1] by hand, as the report's code did).
+    ds = data_lib.load_dataset("cifar10", cifar10_dir, download=False)
+    run = train.build_run(config, ds, parallel.setup("jit"))
+    checkpoints = Checkpoints(workdir)
+    state = checkpoints.restore(40, run.state)
+    checkpoints.close()
+    logits = run.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             ds.test.images[:8] / 127.5 - 1, train=False)
+    assert evals[40]["eval_accuracy_first_8"] == np.mean(np.argmax(logits, -1) == ds.test.labels[:8])
 
     # Then the command line, as a user runs it on one device (the test run's fake devices dropped), asked
     # for 60 steps in the same workdir: it continues from step 40's checkpoint to 60.

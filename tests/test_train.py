@@ -115,8 +115,10 @@ def test_two_processes_with_two_devices_each_compute_the_same_update(tmp_path):
     got = np.load(out)
     np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
     for k in range(len(losses)):
-        new = [got[f"params_{k}_{i}"] for i in range(len(jax.tree.leaves(states[k].params)))]
-        assert_same_update(jax.tree.leaves(states[k].params), new, jax.tree.leaves(states[k + 1].params))
+        for part in ("params", "batch_stats"):  # BatchNorm's statistics too: averaged over both processes
+            start, expected = (jax.tree.leaves(getattr(s, part)) for s in (states[k], states[k + 1]))
+            assert_same_update(start, [got[f"{part}_{k}_{i}"] for i in range(len(start))], expected)
+        assert int(got[f"step_{k}"]) == k + 1
 
 
 def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bit():
