@@ -17,6 +17,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -204,6 +205,8 @@ class Checkpoints:
         else:
             raise error
         ORBAX_NOISE.write_failed = True
+        # The failed write's coroutines that never ran are collected at exit, each with a warning.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
         kept = self.steps()  # finished checkpoints only: a failed write leaves a temporary directory
         last = f"the last good checkpoint (step {kept[-1]}) is intact" if kept else "no earlier checkpoint exists"
         todo = "free some space and" if code in (errno.ENOSPC, errno.EDQUOT) else "once it can be written to again,"

@@ -195,18 +195,14 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lo
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
 
 
-def files_of_at_most(size: int):
-    """For subprocess's preexec_fn: every file the process writes stops growing at `size` bytes.
+def files_of_at_most(kilobytes: int, command: list[str]) -> list[str]:
+    """`command`, run with every file it writes stopped from growing past `kilobytes` kB.
 
     A write past it fails with EFBIG, as one on a full disk fails with ENOSPC (no root needed, unlike
-    a small filesystem): the same failure, at the same place, a moment later.
+    a small filesystem): the same failure, in the same place. The shell sets the limit and ignores
+    SIGXFSZ, which would otherwise kill the writer; both pass on to the command it becomes.
     """
-    import resource
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return limit
+    return ["sh", "-c", f'ulimit -f {kilobytes} && trap "" XFSZ && exec "$@"', "sh", *command]
 
 
 def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_sentence_and_keeps_the_last_good_one(
@@ -215,13 +211,14 @@ def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_sentence_and_keeps_t
     # next save or at the end, as a ValueError, among tracebacks from every thread it touched.
     # (A resume from what such a run leaves, a temporary directory beside the good checkpoints, is what
     # the SIGKILL test above does many times.)
-    def run(*flags, **kwargs):
-        return subprocess.run([sys.executable, "-m", "minimobile.train", "--workdir", str(tmp_path), "--data-dir",
-                               cifar100_data_dir, *COMMAND, *flags], capture_output=True, text=True, timeout=240, **kwargs)
+    def run(*flags, limit=lambda command: command):
+        command = [sys.executable, "-m", "minimobile.train", "--workdir", str(tmp_path), "--data-dir",
+                   cifar100_data_dir, *COMMAND, *flags]
+        return subprocess.run(limit(command), capture_output=True, text=True, timeout=240)
 
     assert run("--epochs", "1").returncode == 0                           # step 4 is safely on disk
     # Its checkpoints' files are larger than 20 kB (no compilation cache: its files are too).
-    refused = run("--epochs", "3", "--compilation-cache", "none", preexec_fn=files_of_at_most(20_000))
+    refused = run("--epochs", "3", "--compilation-cache", "none", limit=lambda c: files_of_at_most(20, c))
     assert refused.returncode != 0 and refused.stderr.strip() == (
         f"error: could not write a checkpoint to {tmp_path / 'checkpoints'} (File too large); the last good "
         "checkpoint (step 4) is intact: once it can be written to again, rerun the same command to resume.")

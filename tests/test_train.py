@@ -188,16 +188,19 @@ def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(t
     config = TINY.replace(epochs=3, parallel="mesh", dropout_rate=0.1)  # 4 steps/epoch, 12 in all
     uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)  # 2 steps a call (log_every)
 
-    # As if SIGTERM arrived during step `stop_at` (a real signal is sent in test_reliability.py), in a
-    # run that makes one step per call: how steps are grouped into calls must not change the result.
+    # As if SIGTERM arrived during the call that ends at step `stop_at` (calls end at every log step,
+    # here every 2 steps; a real signal is sent in test_reliability.py).
     stop, steps = train.StopRequest(), train.Run.steps
+
+    def steps_then_signal(run, state, order, n):
+        first = int(parallel.unreplicate(state, run.par).step)
+        stop.signal = signal.SIGTERM if first < stop_at <= first + n else None
+        return steps(run, state, order, n)
+
     monkeypatch.setattr(train, "StopRequest", lambda: stop)
-    monkeypatch.setattr(train.Run, "steps", lambda run, state, order, n: (
-        setattr(stop, "signal", signal.SIGTERM if int(parallel.unreplicate(state, run.par).step) == stop_at - 1
-                else None),
-        steps(run, state, order, n))[1])
+    monkeypatch.setattr(train.Run, "steps", steps_then_signal)
     with pytest.raises(SystemExit) as exit_info:
-        train.train_and_evaluate(config.replace(steps_per_call=1), tmp_path / "b", dataset=ds)
+        train.train_and_evaluate(config, tmp_path / "b", dataset=ds)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert f"SIGTERM received: saved a checkpoint at step {stop_at}" in capsys.readouterr().out
     monkeypatch.undo()
@@ -382,15 +385,16 @@ def test_an_unusable_compilation_cache_is_a_warning_not_an_error(tmp_path, capsy
 
 def test_every_flag_sets_the_config_field_it_names_and_nothing_else():
     config, _ = train.parse_args([
-        "--dataset", "cifar10", "--labels", "coarse_label", "--epochs", "7", "--steps", "11", "--batch-size", "24",
+        "--dataset", "cifar10", "--labels", "coarse_label", "--steps", "11", "--batch-size", "24",
         "--width", "0.3", "--seed", "5", "--dtype", "bfloat16", "--learning-rate", "0.07", "--weight-decay", "0.001",
         "--augment", "none", "--depthwise-impl", "shift_add", "--parallel", "pmap", "--dropout", "0.2",
         "--block", "standard", "--log-every", "9", "--steps-per-call", "3"])
     assert config == Config(
-        dataset="cifar10", label_key="coarse_label", epochs=7, steps=11, batch_size=24, width=0.3, seed=5,
+        dataset="cifar10", label_key="coarse_label", steps=11, batch_size=24, width=0.3, seed=5,
         dtype="bfloat16", learning_rate=0.07, weight_decay=0.001, augment="none", depthwise_impl="shift_add",
         parallel="pmap", dropout_rate=0.2, block="standard", log_every_steps=9, steps_per_call=3)
     assert train.parse_args([])[0] == Config()  # no flag: the default recipe, untouched
+    assert train.parse_args(["--epochs", "7"])[0] == Config(epochs=7)  # --epochs and --steps: one or the other
 
 
 def test_train_help_lists_the_promised_flags():
