@@ -93,6 +93,8 @@ class _OrbaxNoise(logging.Filter):
     """Drops the orbax log records that would only bury our own messages.
 
     - the warning for a checkpoint saved without metrics: ours are on purpose (a SIGTERM save);
+    - the advice to checkpoint less often when a save waited a second for the one before: on a busy
+      machine that happens with a checkpoint per epoch, and the wait shows in the run's img/s anyway;
     - the tracebacks of a background write that failed (a full disk), from each of orbax's threads
       and asyncio tasks: `Checkpoints` says it in one sentence when the next save or `wait` finds it;
     - once that sentence is said, any later error of those threads (they stumble over the shut-down
@@ -108,7 +110,8 @@ class _OrbaxNoise(logging.Filter):
         error = record.exc_info[1] if record.exc_info else message
         failed_write = write_error_code(error) is not None or write_error_code(message) is not None
         after_failure = self.write_failed and record.levelno >= logging.ERROR
-        return not ("did not provide metrics" in message or failed_write or after_failure)
+        advice = "did not provide metrics" in message or "consider checkpointing less frequently" in message
+        return not (advice or failed_write or after_failure)
 
 
 ORBAX_NOISE = _OrbaxNoise()  # one object: adding it again is a no-op

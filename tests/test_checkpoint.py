@@ -108,3 +108,18 @@ def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choice
         load_run_config(tmp_path)
     with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
         load_run_config(tmp_path / "config.json")                # a file given as the workdir
+
+
+def test_orbax_advice_and_failed_write_tracebacks_are_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
+    import logging
+
+    Checkpoints(tmp_path).close()  # a run's Checkpoints puts the filter on orbax's loggers
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING):
+        absl.warning("Waiting for previous save to complete took %f seconds. If this number is high, consider "
+                     "checkpointing less frequently.", 1.2)
+        absl.warning("Metrics: None; the run did not provide metrics for step 8")
+        absl.error("_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: Failed to write 42644 bytes "
+                   "to file 9: No space left on device [os_error_code='28']")
+        absl.error("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
