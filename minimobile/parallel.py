@@ -103,15 +103,20 @@ def replicate(tree: Any, par: Parallel) -> Any:
 
 def replicate_device_tree(tree: Any, par: Parallel) -> Any:
     """Device arrays (e.g. a restored state) -> replicated on every device, for the mode."""
-    if par.mode == "pmap":
-        return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (par.num_shards, *x.shape)), tree),
-                              par.sharding(P(AXIS)))
+    if par.mode == "pmap":  # one program for the whole tree, not one per shape of its 200-odd arrays
+        return on_all_devices(lambda t: t, par)(tree)
     return jax.device_put(tree, par.sharding())
+
+
+@jax.jit
+def _first_copy(tree: Any) -> Any:
+    """[devices, ...] -> [...] for every array of a tree, in one compiled program."""
+    return jax.tree.map(lambda x: x[0], tree)
 
 
 def unreplicate(tree: Any, par: Parallel) -> Any:
     """One copy of a replicated tree (pmap outputs carry a leading device axis)."""
-    return jax.tree.map(lambda x: x[0], tree) if par.mode == "pmap" else tree
+    return _first_copy(tree) if par.mode == "pmap" else tree
 
 
 def on_all_devices(fn: Callable, par: Parallel) -> Callable:
