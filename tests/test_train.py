@@ -236,6 +236,12 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"} <= set(records[0])
     assert [r["step"] for r in records if "eval_accuracy" in r] == [4, 8, 12]
+    # The same command once more: nothing left to train. It says how to train on, and evaluates again
+    # what step 12 evaluated, writing nothing.
+    again = train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
+    assert "already trained for 12 steps; pass a larger --epochs to train longer." in capsys.readouterr().out
+    assert again["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records
 
 
 @pytest.mark.parametrize("change, message", [
