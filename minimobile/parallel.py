@@ -83,8 +83,8 @@ def setup(mode: str) -> Parallel:
 def check_batch_size(batch_size: int, par: Parallel) -> None:
     if batch_size % par.num_shards:
         raise UserError(f"--batch-size {batch_size} does not split evenly across {par.num_shards} devices; "
-                        f"use a multiple of {par.num_shards}, e.g. {max(1, batch_size // par.num_shards) * par.num_shards}, "
-                        "or --parallel jit to train on one device.")
+                        f"use a multiple of {par.num_shards}, e.g. "
+                        f"{max(1, batch_size // par.num_shards) * par.num_shards}, or --parallel jit to train on one device.")
 
 
 def replicate(tree: Any, par: Parallel) -> Any:

@@ -154,7 +154,9 @@ def lowest_train_loss(num_classes: int, label_smoothing: float) -> float:
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, learning_rate_fn: Callable | None = None,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step (SGD or Adam, as `state.tx` says). batch: {"image": [B, H, W, 3] float (normalised), "label": [B] int}.
+    """One optimizer step (SGD or Adam, as `state.tx` says).
+
+    batch: {"image": [B, H, W, 3] float (normalised), "label": [B] int}.
 
     With `axis_name`, this body sees only its device's share of the batch: gradients and metrics are
     averaged over the axis (and BatchNorm, built with the same axis name, averages its statistics),

@@ -148,7 +148,8 @@ class Workdir:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current call (up to --steps-per-call steps), save, exit."""
+    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current call (of --steps-per-call steps at
+    most), save, exit."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -581,7 +582,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                                 epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="a documented starting config (default: %(default)s; listed below)")
-    p.add_argument("--dataset", choices=data_lib.DATASETS, help="cifar100 or cifar10 (default: the recipe's; cifar10 for seed-tf*)")
+    p.add_argument("--dataset", choices=data_lib.DATASETS,
+                   help="cifar100 or cifar10 (default: the recipe's; cifar10 for seed-tf*)")
     p.add_argument("--labels", choices=("label", "coarse_label"), help="cifar100: fine (100) or coarse (20) labels")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
     p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics and figures go here; "
