@@ -171,6 +171,7 @@ class Checkpoints:
                                                enable_async_checkpointing=True,
                                                best_fn=_test_accuracy, best_mode="max")
         self._set_aside_unreadable_metrics()
+        ORBAX_NOISE.write_failed = False  # a new run (in the same process): its errors are news again
         for logger in ("absl", "asyncio"):  # orbax logs through absl; its failed tasks through asyncio
             logging.getLogger(logger).addFilter(ORBAX_NOISE)
         try:
@@ -209,7 +210,8 @@ class Checkpoints:
             raise error
         ORBAX_NOISE.write_failed = True
         # The failed write's coroutines that never ran are collected at exit, each with a warning.
-        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize_from_host\b.*' was never awaited",
+                                category=RuntimeWarning)
         kept = self.steps()  # finished checkpoints only: a failed write leaves a temporary directory
         last = f"the last good checkpoint (step {kept[-1]}) is intact" if kept else "no earlier checkpoint exists"
         todo = "free some space and" if code in (errno.ENOSPC, errno.EDQUOT) else "once it can be written to again,"

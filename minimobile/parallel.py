@@ -82,9 +82,10 @@ def setup(mode: str) -> Parallel:
 
 def check_batch_size(batch_size: int, par: Parallel) -> None:
     if batch_size % par.num_shards:
+        one_device = ", or --parallel jit to train on one device" if jax.process_count() == 1 else ""
         raise UserError(f"--batch-size {batch_size} does not split evenly across {par.num_shards} devices; "
                         f"use a multiple of {par.num_shards}, e.g. "
-                        f"{max(1, batch_size // par.num_shards) * par.num_shards}, or --parallel jit to train on one device.")
+                        f"{max(1, batch_size // par.num_shards) * par.num_shards}{one_device}.")
 
 
 def replicate(tree: Any, par: Parallel) -> Any:
@@ -103,8 +104,8 @@ def replicate(tree: Any, par: Parallel) -> Any:
 
 def replicate_device_tree(tree: Any, par: Parallel) -> Any:
     """Device arrays (e.g. a restored state) -> replicated on every device, for the mode."""
-    if par.mode == "pmap":  # one program for the whole tree, not one per shape of its 200-odd arrays
-        return on_all_devices(lambda t: t, par)(tree)
+    if par.mode == "pmap":  # through the host: nothing to compile (a broadcast per array shape compiled 50-odd)
+        return replicate(jax.device_get(tree), par)
     return jax.device_put(tree, par.sharding())
 
 

@@ -81,7 +81,13 @@ def _abandon(summary_writer) -> None:
     try:
         for file_writer in summary_writer.all_writers.values():
             events = file_writer.event_writer
-            events._worker.stop()
+            worker = events._worker                  # its thread: told to stop, waited for briefly, never blocking
+            if worker.is_alive():
+                try:
+                    worker._queue.put(worker._shutdown_signal, timeout=1)
+                except Exception:  # noqa: BLE001 - a full queue: the (daemon) thread ends with the process
+                    pass
+                worker.join(timeout=1)
             events._closed = True                    # its exit hook now does nothing
             try:
                 events._ev_writer._py_recordio_writer._writer.close()

@@ -413,11 +413,14 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
                 flag = "--steps" if config.steps else "--epochs"
                 say(f"already trained for {start:,} steps; pass a larger {flag} to train longer.")
                 final = run.evaluate(state)[0]
-        except BaseException:
-            # Let the pending write finish, or fail, before we stop; the error in flight is the one to
-            # report (the write's own failure, if that is what it was, only says it again).
-            with contextlib.suppress(UserError):
+        except BaseException as stopping:
+            # Let the pending write finish, or fail, before we stop. The error in flight is the one to
+            # report; a write that failed too (not the same failure again) gets its own line first.
+            try:
                 checkpoints.wait()
+            except UserError as also:
+                if str(also) != str(stopping):
+                    print(f"error: {also}", file=sys.stderr)
             raise
         else:
             checkpoints.wait()

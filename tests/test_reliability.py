@@ -195,14 +195,17 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lo
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
 
 
-def files_of_at_most(kilobytes: int, command: list[str]) -> list[str]:
-    """`command`, run with every file it writes stopped from growing past `kilobytes` kB.
+def files_of_at_most(size: int, command: list[str]) -> list[str]:
+    """`command`, run with every file it writes stopped from growing past `size` bytes.
 
     A write past it fails with EFBIG, as one on a full disk fails with ENOSPC (no root needed, unlike
-    a small filesystem): the same failure, in the same place. The shell sets the limit and ignores
-    SIGXFSZ, which would otherwise kill the writer; both pass on to the command it becomes.
+    a small filesystem): the same failure, in the same place. A small Python sets the limit and ignores
+    SIGXFSZ, which would otherwise kill the writer, then becomes the command: both pass on through exec.
     """
-    return ["sh", "-c", f'ulimit -f {kilobytes} && trap "" XFSZ && exec "$@"', "sh", *command]
+    limit = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", limit, *command]
 
 
 def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_sentence_and_keeps_the_last_good_one(
@@ -218,7 +221,7 @@ def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_sentence_and_keeps_t
 
     assert run("--epochs", "1").returncode == 0                           # step 4 is safely on disk
     # Its checkpoints' files are larger than 20 kB (no compilation cache: its files are too).
-    refused = run("--epochs", "3", "--compilation-cache", "none", limit=lambda c: files_of_at_most(20, c))
+    refused = run("--epochs", "3", "--compilation-cache", "none", limit=lambda c: files_of_at_most(20_000, c))
     assert refused.returncode != 0 and refused.stderr.strip() == (
         f"error: could not write a checkpoint to {tmp_path / 'checkpoints'} (File too large); the last good "
         "checkpoint (step 4) is intact: once it can be written to again, rerun the same command to resume.")
