@@ -20,9 +20,12 @@ import subprocess
 import sys
 
 CHILD_FLAG = "MINIMOBILE_WATCHED_CHILD"
-PEER_DIED = ("another task died", "heartbeat timeout", "tasks are unhealthy", "Barrier failed")
+PEER_DIED = ("another task died", "heartbeat timeout", "tasks are unhealthy", "Barrier failed",
+             "Connection reset by peer")  # the last: a collective (gloo) whose peer process went away
 NEVER_JOINED = "CoordinationService/RegisterTask"  # with DEADLINE_EXCEEDED: the run never assembled
 TRACEBACK = "Traceback (most recent call last):"
+CHAINED = ("The above exception was the direct cause of the following exception:",
+           "During handling of the above exception, another exception occurred:")
 
 
 def is_child() -> bool:
@@ -51,25 +54,34 @@ def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: 
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-    text = log.read_text(errors="replace")
-    errors = [line for line in text.splitlines() if line.startswith("error: ")]
     if code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT):  # done, or stopped and saved (it said so)
         return code
-    traceback = text.rpartition(TRACEBACK)[2] if TRACEBACK in text else ""
-    raised = [line for line in traceback.splitlines() if line and not line[0].isspace()]  # the exception's line
-    if errors:  # the child's own one-sentence error
-        print(errors[-1], file=sys.stderr)
-    elif raised and not any(marker in traceback for marker in (*PEER_DIED, NEVER_JOINED)):
-        # A failure of its own (a bug of ours, say), not a peer's: say what it was.
-        print(f"error: process {process_id} failed ({raised[0]}); see {log}.", file=sys.stderr)
-    elif NEVER_JOINED in text:
-        print(f"error: not every process of this run joined within {peer_timeout_s} s, so process {process_id} "
-              "stopped; start all of them with the same --coordinator and --num-processes (and a larger "
-              "--peer-timeout if they start far apart).", file=sys.stderr)
-    elif any(marker in text for marker in PEER_DIED):
-        print(f"error: another process of this run stopped answering for {peer_timeout_s} s (killed, preempted "
-              f"or crashed), so process {process_id} stopped too; rerun the same command on every host to resume "
-              f"from the last checkpoint (details in {log}).", file=sys.stderr)
-    else:
-        print(f"error: process {process_id} stopped unexpectedly (exit code {code}); see {log}.", file=sys.stderr)
+    print(explain_failure(log.read_text(errors="replace"), code, process_id, peer_timeout_s, log), file=sys.stderr)
     return code if code > 0 else 1
+
+
+def explain_failure(text: str, code: int, process_id: int, peer_timeout_s: int, log: pathlib.Path) -> str:
+    """One sentence for a child that failed, from what it wrote (`text`, its log) and its exit code."""
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    sections = text.split(TRACEBACK)[1:]           # one per traceback printed
+    raised = [line for line in (sections or [""])[-1].splitlines() if line and not line[0].isspace()]
+    # The last traceback and what was logged after it (JAX's report of a dead peer), with the exceptions
+    # it was raised from or while handling: a peer's death may show only there (orbax's barrier
+    # TimeoutError is raised "from" the coordination service's error).
+    chain = sections[-1:]
+    while len(chain) < len(sections) and sections[-len(chain) - 1].rstrip().endswith(CHAINED):
+        chain.insert(0, sections[-len(chain) - 1])
+    if errors:  # the child's own one-sentence error
+        return errors[-1]
+    if raised and not any(marker in "".join(chain) for marker in (*PEER_DIED, NEVER_JOINED)):
+        # A failure of its own (a bug of ours, say), not a peer's: say what it was.
+        return f"error: process {process_id} failed ({raised[0]}); see {log}."
+    if NEVER_JOINED in text:
+        return (f"error: not every process of this run joined within {peer_timeout_s} s, so process {process_id} "
+                "stopped; start all of them with the same --coordinator and --num-processes (and a larger "
+                "--peer-timeout if they start far apart).")
+    if any(marker in text for marker in PEER_DIED):
+        return (f"error: another process of this run stopped answering for {peer_timeout_s} s (killed, preempted "
+                f"or crashed), so process {process_id} stopped too; rerun the same command on every host to resume "
+                f"from the last checkpoint (details in {log}).")
+    return f"error: process {process_id} stopped unexpectedly (exit code {code}); see {log}."

@@ -403,3 +403,30 @@ def test_a_run_that_cannot_assemble_says_why_in_one_sentence(tmp_path, cifar100_
         check_coordinator_port("127.0.0.1")
 
 
+
+
+def test_the_watchdog_blames_a_dead_peer_even_when_it_is_only_the_cause_of_the_error_raised():
+    from minimobile.watchdog import explain_failure
+
+    log = pathlib.Path("logs/process-0.log")
+    # What CI once saw: orbax's checkpoint barrier raised TimeoutError "from" the coordination service's
+    # report of the dead peer. Blaming process 0 sends the user after the wrong process.
+    orbax_barrier = (
+        "Traceback (most recent call last):\n  File \"async_checkpointer.py\", line 115, in _background\n"
+        "jax.errors.JaxRuntimeError: INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: "
+        "Task 1 heartbeat timeout.\n\nThe above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n  File \"train.py\", line 507, in _loop\n"
+        "TimeoutError: Timed out while waiting for async_write_complete barrier.\n")
+    assert explain_failure(orbax_barrier, 1, 0, 10, log).startswith(
+        "error: another process of this run stopped answering for 10 s")
+    # A collective whose peer went away, raised before JAX's own report of the death reached the log.
+    gloo = ("Traceback (most recent call last):\n  File \"train.py\", line 465, in _loop\n"
+            "jax.errors.JaxRuntimeError: UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538]"
+            " Read error [127.0.0.1]:41355: Connection reset by peer\n")
+    assert explain_failure(gloo, 1, 0, 10, log).startswith("error: another process of this run stopped answering")
+    # A failure of its own stays its own.
+    own_bug = ("Traceback (most recent call last):\n  File \"train.py\", line 1, in <module>\n"
+               "ZeroDivisionError: division by zero\n")
+    assert explain_failure(own_bug, 1, 0, 10, log) == (
+        f"error: process 0 failed (ZeroDivisionError: division by zero); see {log}.")
+    assert explain_failure("error: --seed must be positive.\n", 2, 0, 10, log) == "error: --seed must be positive."
