@@ -201,8 +201,12 @@ class Checkpoints:
             self._lost_write(e)
 
     def _lost_write(self, error: Exception):
-        """One sentence for a checkpoint the disk refused; any other error goes on as it was."""
-        if isinstance(error, OSError):
+        """One sentence for a checkpoint the disk refused; any other error goes on as it was.
+
+        TimeoutError is an OSError too, but orbax raises it when the processes of a run stop meeting at
+        its barriers (a peer died): that is not the disk's doing, and the watchdog says what it is.
+        """
+        if isinstance(error, OSError) and not isinstance(error, TimeoutError):
             code, reason = error.errno, error.strerror or str(error)
         elif (code := write_error_code(error)) is not None:
             reason = os.strerror(code)

@@ -242,6 +242,7 @@ def test_a_full_disk_is_named_and_any_other_failure_to_save_is_not_taken_for_one
                     "to write 42644 bytes to file 9: No space left on device [os_error_code='28']"), UserError),
         (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), UserError),
         (ValueError("a bug of ours, not a disk's"), ValueError),
+        (TimeoutError("Timed out while waiting for async_write_complete barrier."), TimeoutError),  # a dead peer
     ]:
         def failing_save(*args, failure=failure, **kwargs):
             raise failure
