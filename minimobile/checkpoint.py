@@ -107,8 +107,7 @@ class _OrbaxNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        error = record.exc_info[1] if record.exc_info else message
-        failed_write = write_error_code(error) is not None or write_error_code(message) is not None
+        failed_write = write_error_code(f"{message} {record.exc_info[1] if record.exc_info else ''}") is not None
         after_failure = self.write_failed and record.levelno >= logging.ERROR
         advice = "did not provide metrics" in message or "consider checkpointing less frequently" in message
         return not (advice or failed_write or after_failure)
