@@ -54,14 +54,20 @@ class Parallel:
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
                            timeout_s: int = 60) -> None:
-    """Join a multi-process run (before any other JAX call). A peer that never comes fails within timeout_s."""
+    """Join a multi-process run (before any other JAX call).
+
+    timeout_s bounds every wait for a peer: one that never comes, one whose heartbeat stops, and, at
+    exit, one that never reaches the shutdown barrier (JAX's default there is 300 s: a process that
+    stopped with a one-sentence error could sit that long before exiting).
+    """
     if coordinator is None:
         return
     # Collectives between CPU processes go over gloo (TCP). It only affects the CPU backend, and asking
     # which backend we are on would start it, which must not happen before initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s)
+                               initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s,
+                               shutdown_timeout_seconds=timeout_s)
 
 
 def setup(mode: str) -> Parallel:
