@@ -466,7 +466,7 @@ def main(argv=None) -> None:
         except ValueError as e:
             raise UserError(f"{e}.") from None
     if not (0 < args.width <= MAX_WIDTH and args.batch_size >= 1):  # the width test also refuses nan
-        raise UserError(f"--width must be positive and at most {MAX_WIDTH}, --batch-size at least 1.")
+        raise UserError(f"--width must be positive and at most {MAX_WIDTH:g}, --batch-size at least 1.")
     if args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.steps_per_call < 0:
         raise UserError("--repeats and --steps must be at least 1, --steps-per-call at least 0 (auto).")
     if args.per_layer:

@@ -4,7 +4,8 @@
     python -m minimobile.evaluate --workdir runs/default --checkpoint best --json
 
 Prints loss, top-1 and top-5 accuracy over the whole test split (never augmented); writes
-`W/eval/per_class_accuracy.json` and `W/eval/confusion_matrix.png`. With `--json`, the last line is
+`W/eval/per_class_accuracy.json` (class name -> fraction of its test images classified right; null for
+a class with none) and `W/eval/confusion_matrix.png`. With `--json`, the last line is
 one JSON object with at least `accuracy`, `accuracy_top5`, `loss`, `step`.
 """
 
@@ -96,7 +97,10 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
 
     matrix = report.confusion_matrix(test.labels, predictions, info["num_classes"])
     class_names = info["class_names"]
-    per_class = {name: float(matrix[k, k] / max(matrix[k].sum(), 1)) for k, name in enumerate(class_names)}
+    # A class with no test image has no accuracy (null in the JSON), rather than a 0 % that would put
+    # it among the hardest classes (a small or custom test split, a coarse label that is never used).
+    per_class = {name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
+                 for k, name in enumerate(class_names)}
     out = workdir / "eval"
     try:
         out.mkdir(exist_ok=True)
@@ -108,7 +112,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
         print(f"warning: cannot write to {out} ({e.strerror or e}); per-class accuracy and the confusion "
               "matrix are not saved.", file=sys.stderr)
         files = {"per_class_accuracy": None, "confusion_matrix": None}
-    worst = sorted(per_class.items(), key=lambda kv: kv[1])[:5]
+    worst = sorted(((name, acc) for name, acc in per_class.items() if acc is not None), key=lambda kv: kv[1])[:5]
     return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst, **files}
 
 

@@ -69,12 +69,21 @@ def test_a_pytorch_that_fails_costs_the_comparison_only(capsys, monkeypatch):
     assert "PyTorch: failed, no comparison (RuntimeError: CUDA out of memory" in "\n".join(out)
 
 
-def test_unknown_implementation_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--depthwise-impl", "winograd"], "error: depthwise_impl must be 'auto' or one of"),
+    (["--width", "0"], "error: --width must be positive and at most 16"),
+    (["--width", "nan"], "error: --width must be positive and at most 16"),
+    (["--batch-size", "0"], "error: --width must be positive and at most 16, --batch-size at least 1."),
+    (["--repeats", "0"], "error: --repeats and --steps must be at least 1"),
+    (["--steps-per-call", "-1"], "error: --repeats and --steps must be at least 1, --steps-per-call at least 0"),
+    (["--per-layer", "--dtype", "bfloat16"], "error: --per-layer times float32 layers only; drop --dtype."),
+])
+def test_impossible_settings_are_a_one_line_error_before_anything_is_measured(capsys, argv, message):
     with pytest.raises(SystemExit) as stopped:
-        bench.main(["--depthwise-impl", "winograd"])
-    err = capsys.readouterr().err.strip()
-    assert stopped.value.code != 0 and err.startswith("error: depthwise_impl must be") and "'winograd'" in err
-    assert len(err.splitlines()) == 1
+        bench.main(argv)
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.err.startswith(message) and len(captured.err.splitlines()) == 1
+    assert captured.out == ""  # refused before building or timing anything
 
 
 @pytest.fixture(scope="module")

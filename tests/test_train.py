@@ -329,6 +329,7 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     assert result["accuracy"] == pytest.approx(last_eval["eval_accuracy"])
     assert result["loss"] == pytest.approx(last_eval["eval_loss"], rel=1e-5)
     assert result["count"] == 20 and (workdir / "eval" / "confusion_matrix.png").exists()
+    per_class = json.loads((workdir / "eval" / "per_class_accuracy.json").read_text())
     # A workdir evaluate cannot write to (another user's, read-only): the figures still, and a warning.
     from minimobile.evaluate import evaluate_workdir
 
@@ -363,6 +364,13 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     assert np.mean(probabilities.argmax(-1) == test.labels) == pytest.approx(result["accuracy"])
     nll = -np.log(probabilities[np.arange(20), test.labels].astype(np.float64)).mean()
     assert nll == pytest.approx(result["loss"], rel=1e-4)
+    # evaluate's per-class accuracy, from predict's answers: the fraction of each class's test images
+    # whose most likely class is theirs, and no figure at all (null) for the classes with no test image.
+    predicted = probabilities.argmax(-1)
+    expected = {name: float(np.mean(predicted[test.labels == k] == k)) if np.any(test.labels == k) else None
+                for k, name in enumerate(names)}
+    assert list(per_class) == names and per_class == pytest.approx(expected)
+    assert sum(a is not None for a in per_class.values()) == len(set(test.labels)) < 100
     # A network trained for 4 steps answers almost the same whatever it sees, so the figures above
     # hardly depend on the input. So also: predict's log-probabilities are those of the network's
     # logits on (x - mean) / std with the train statistics the run saved (in NumPy here), to within
