@@ -1,13 +1,13 @@
 """The paper's arithmetic: parameters and mult-adds of every layer, counted by hand.
 
 MobileNets are judged by two numbers, "Million Mult-Adds" and "Million Parameters" (Tables 4-7 of the
-paper). A K x K convolution from M to N channels on a D_F x D_F output map costs (equation 1)
+paper). A K x K convolution from M to N channels on a D_F x D_F output map costs
 
-    standard:   D_K * D_K * M * N * D_F * D_F
-    depthwise:  D_K * D_K * M * D_F * D_F              (equation 3: one filter per channel)
+    standard:   D_K * D_K * M * N * D_F * D_F          (the paper's equation 2)
+    depthwise:  D_K * D_K * M * D_F * D_F              (equation 4: one filter per channel)
     pointwise:  M * N * D_F * D_F                      (a 1x1 conv is a matrix multiply over channels)
 
-so a separable layer costs `1/N + 1/D_K^2` of a standard one (equation 5). We count those formulas
+so a separable layer, depthwise + pointwise (equation 5), costs `1/N + 1/D_K^2` of a standard one. We count those formulas
 layer by layer from the same table the model is built from (model.MOBILENET_V1_BLOCKS).
 
 Conventions, as in the paper: parameters are conv kernels plus the classifier's weights and bias;
@@ -101,5 +101,5 @@ def totals(layers: list[Layer]) -> dict[str, int]:
 
 
 def separable_cost_ratio(c_out: int, kernel: int = 3) -> float:
-    """Equation 5: a separable conv costs 1/N + 1/D_K^2 of a standard one."""
+    """A separable conv costs 1/N + 1/D_K^2 of a standard one (equation 5 divided by equation 2)."""
     return 1 / c_out + 1 / kernel**2

@@ -177,7 +177,9 @@ print("costs.separable_cost_ratio(128, 3) =", round(costs.separable_cost_ratio(1
 # The `1/K²` term is the floor: however many channels, a 3x3 separable convolution costs at least
 # 1/9 of a standard one, and MobileNet's layers (64 to 1,024 output channels) sit close to that floor.
 # The markers below are not the formula: they divide each of MobileNet's 13 separable blocks' counted
-# mult-adds by those of the same block with a full 3x3 convolution, from `minimobile.costs`.
+# mult-adds by those of the same block with a full 3x3 convolution, from `minimobile.costs`. (A
+# *mult-add*, the paper's unit, is one of the multiplications counted above, with the addition that
+# puts its product into a sum.)
 
 # %%
 c_out = np.arange(1, 1025)
@@ -256,8 +258,9 @@ print("dL/dx", d_x.shape, " dL/d(depthwise kernel)", d_d.shape, " dL/d(pointwise
 # by hand (tutorial 5 shows why); it is what training on a CPU uses.
 #
 # The last three are JAX functions, compiled by XLA with `jax.jit`. We also time
-# `numpy_nn.depthwise_conv_forward`, the vectorised NumPy version. First, do they agree? The shape is
-# one of MobileNet's CIFAR layers, a batch of 32x32 maps with 64 channels, at stride 1 and 2.
+# `numpy_nn.depthwise_conv_forward`, the vectorised NumPy version. First, do they agree? The input is
+# that of MobileNet's second depthwise layer on CIFAR, a batch of 32x32 maps with 64 channels, which
+# that layer convolves at stride 2; we check both strides.
 
 # %%
 B, H, C = (2, 16, 16) if QUICK else (8, 32, 64)
@@ -323,8 +326,9 @@ save(fig, "01_depthwise_timings.png")
 # ![Bar chart of depthwise convolution times: NumPy loops, NumPy vectorised, and three JAX implementations](figures/01_depthwise_timings.png)
 #
 # The figure above was made on 2 shared CPU cores; your numbers will differ, the gaps are what
-# matters. The loops are slower than everything else by a factor of 50 or more: Python runs one
-# small NumPy call per output channel and pixel. Vectorised NumPy is far better, but it still creates nine full-size
+# matters. The loops are slower than everything else: 14 times the slowest JAX version, 50 times
+# vectorised NumPy. Python runs one small NumPy call per output channel and pixel. Vectorised NumPy
+# is far better, but it still creates nine full-size
 # temporaries (one per tap) and walks memory for each. XLA compiles `shift_add` into a single fused
 # loop that reads the input and writes the output once, several times faster again.
 #

@@ -235,7 +235,7 @@ save(fig, "02_cost_grid.png")
 # with `capture_intermediates=True`.
 #
 # A network that has never been trained computes random features, so first we train it, briefly, on
-# those 1,000 images. Be clear about what this is: a few epochs on 10 images per class teach the
+# those 1,000 images. Be clear about what this is: ten epochs on 10 images per class teach the
 # first layers some edge and colour detectors and let the network start memorising its training
 # images. It is not a CIFAR-100 classifier (tutorial 3 trains one). `steps.train_step` is the
 # project's real train step; here it runs under a plain `jax.jit`, on one device.

@@ -124,7 +124,7 @@ print("mean", np.round(ds.mean, 1), "std", np.round(ds.std, 1), "(0..255 scale)"
 # The usual input pipeline is a host-side program (`tf.data`, a PyTorch `DataLoader`) that decodes,
 # augments and ships every batch to the accelerator, and keeping it ahead of a fast GPU is its own
 # engineering problem. CIFAR sidesteps it: the whole training split is 50,000 x 32 x 32 x 3 bytes,
-# 150 MB, which fits in any accelerator's memory. So `minimobile` puts both splits on the device
+# about 154 MB, which fits in any accelerator's memory. So `minimobile` puts both splits on the device
 # *once*, and each training step *gathers* its batch there by index. Shuffling, batching and
 # sharding become integer arithmetic on indices, done inside the compiled step; the host sends
 # nothing per step.
@@ -219,7 +219,7 @@ fig.tight_layout()
 save(fig, "03_augmentations.png")
 
 # %% [markdown]
-# ![Eight CIFAR-100 pictures, then two draws of the standard augmentation (shifted, some mirrored) and two of the report's (rotated, black corners, one upside down)](figures/03_augmentations.png)
+# ![Eight CIFAR-100 pictures, then two draws of the standard augmentation (shifted, some mirrored) and two of the report's (rotated, black corners, some upside down)](figures/03_augmentations.png)
 #
 # Look at what each recipe claims about the world. A shift of a few pixels and a mirror image are
 # still plausible photographs of a bicycle. Rotations by up to 15 degrees, twice, are plausible

@@ -181,8 +181,8 @@ print("mesh  losses", np.round(losses_mesh, 5))
 # ## The same numbers?
 #
 # Same step, same global batch, same starting point: the three should agree to float32 rounding. They
-# cannot agree bit for bit, because averaging 8 partial results adds the same numbers in a different
-# order than one device summing 64 examples.
+# need not agree bit for bit, because averaging 8 partial results adds the same numbers in a different
+# order than one device summing 64 examples (often the rounding happens to land on the same float).
 
 # %%
 def max_abs_diff(a, b):
