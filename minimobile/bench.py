@@ -47,7 +47,7 @@ from minimobile import parallel as parallel_lib
 from minimobile import steps as steps_lib
 from minimobile import train as train_lib
 from minimobile.config import Config
-from minimobile.errors import UserError, exit_on_user_error
+from minimobile.errors import ArgumentParser, UserError, exit_on_user_error
 from minimobile.layers import DEPTHWISE_IMPLS, ConvBN, resolve_depthwise_impl
 from minimobile.model import MAX_WIDTH
 
@@ -432,7 +432,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minimobile.bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m minimobile.bench", description=__doc__.split("\n")[0])
     p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -8,6 +8,7 @@ sentence to stderr and exits non-zero, instead of a 40-line traceback that hides
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -26,6 +27,17 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose refusals (an unknown choice, a number that is not one) are one line too.
+
+    argparse's own prints the whole usage first: 24 lines for `train`, with the error last.
+    """
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`.", file=sys.stderr)
+        sys.exit(2)
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:

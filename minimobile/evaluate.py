@@ -11,7 +11,6 @@ one JSON object with at least `accuracy`, `accuracy_top5`, `loss`, `step`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -21,7 +20,7 @@ import jax
 from minimobile import parallel, report, steps
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import Config
-from minimobile.errors import UserError, exit_on_user_error
+from minimobile.errors import ArgumentParser, UserError, exit_on_user_error
 
 
 def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
@@ -120,7 +119,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
 def main(argv=None) -> None:
     from minimobile.train import default_compilation_cache, use_compilation_cache
 
-    p = argparse.ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")

@@ -24,7 +24,6 @@ measuring; what does not fit is skipped and listed. Compiles dominate (tens of s
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -41,6 +40,7 @@ import jax  # noqa: E402
 
 from minimobile import bench  # noqa: E402
 from minimobile.config import Config  # noqa: E402
+from minimobile.errors import ArgumentParser  # noqa: E402
 from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl  # noqa: E402
 
 IMPLS = tuple(i for i in DEPTHWISE_IMPLS if i != "split")
@@ -84,7 +84,7 @@ def train_in_fresh_process(args, xla_flag: str, timeout_s: float) -> float | str
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python3 -m minimobile.gpu_check", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python3 -m minimobile.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu_check.txt", help="results file (JSON lines, then a table)")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")

@@ -8,7 +8,6 @@ set's mean and std saved in the workdir, and classified by the latest (or `--che
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from minimobile import augment as augment_lib
 from minimobile import steps
 from minimobile.checkpoint import Checkpoints
-from minimobile.errors import UserError, exit_on_user_error
+from minimobile.errors import ArgumentParser, UserError, exit_on_user_error
 from minimobile.evaluate import abstract_state, load_run_config, restore
 
 
@@ -59,7 +58,7 @@ def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "lates
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m minimobile.predict", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m minimobile.predict", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
     p.add_argument("images", nargs="+", help="image files (any size; resized to the training resolution)")

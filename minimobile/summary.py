@@ -13,12 +13,12 @@ import dataclasses
 import json
 
 from minimobile.costs import mobilenet_v1_layers, totals
-from minimobile.errors import UserError, exit_on_user_error
+from minimobile.errors import ArgumentParser, UserError, exit_on_user_error
 from minimobile.model import BLOCK_TYPES, MAX_WIDTH, STEM_STRIDES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minimobile.summary", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m minimobile.summary", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stem", choices=sorted(STEM_STRIDES), default="imagenet")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (paper: 1.0, 0.75, 0.5, 0.25)")

@@ -35,7 +35,7 @@ from minimobile import data as data_lib
 from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
-from minimobile.errors import TrainingDiverged, UserError, exit_on_user_error, silence_stdout
+from minimobile.errors import ArgumentParser, TrainingDiverged, UserError, exit_on_user_error, silence_stdout
 from minimobile.layers import DEPTHWISE_IMPLS
 from minimobile.model import MAX_WIDTH
 
@@ -580,7 +580,7 @@ def recipes_help() -> str:
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m minimobile.train",
+    p = ArgumentParser(prog="python -m minimobile.train",
                                 description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.",
                                 epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),

@@ -77,6 +77,7 @@ def test_a_pytorch_that_fails_costs_the_comparison_only(capsys, monkeypatch):
     (["--repeats", "0"], "error: --repeats and --steps must be at least 1"),
     (["--steps-per-call", "-1"], "error: --repeats and --steps must be at least 1, --steps-per-call at least 0"),
     (["--per-layer", "--dtype", "bfloat16"], "error: --per-layer times float32 layers only; drop --dtype."),
+    (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),  # argparse's own, one line too
 ])
 def test_impossible_settings_are_a_one_line_error_before_anything_is_measured(capsys, argv, message):
     with pytest.raises(SystemExit) as stopped:
