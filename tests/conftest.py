@@ -2,6 +2,8 @@
 
 Every test run sees 8 CPU devices, so the multi-device code paths are exercised on any laptop
 (as flax's own CI does). XLA reads this flag once, when jax is first imported, hence here, first.
+The tests run on the CPU even where a GPU build of jax is installed: they check CPU behaviour (8
+devices, the CPU's steps per call), and the GPU is `minimobile.gpu_check`'s to measure.
 """
 
 import atexit
@@ -11,6 +13,7 @@ import tempfile
 
 _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TFDS imports TensorFlow; keep its start-up chatter out
 os.environ.setdefault("TFDS_DISABLE_TQDM", "1")
 # Many tests (and the subprocesses they start) compile the same tiny programs: a persistent
