@@ -104,7 +104,7 @@ def jax_runners(config: Config) -> tuple[Runner, Runner, float, int]:
     """
     run = train_lib.build_run(config, random_dataset(4 * config.batch_size), parallel_lib.setup("jit"))
     order = run.epoch_order(0)
-    call_args = lambda state, n: (state, *run.device_data, order, run.base_rng, np.int32(n))
+    call_args = lambda state, n: (state, *run.device_data, order, run.base_rng, run.lr_numbers, np.int32(n))
     start = time.perf_counter()
     compiled = run.step_fn.lower(*call_args(run.state, 1)).compile()
     compile_s = time.perf_counter() - start

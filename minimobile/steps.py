@@ -16,11 +16,13 @@ that one compiled program does everything a training step needs and the host onl
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
@@ -92,15 +94,37 @@ def decay_mask(params) -> Any:
         {path: path[-1] == "kernel" and path[-2] != "depthwise" for path in flat})
 
 
-def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 (or constant)."""
+def schedule_numbers(config: Config, steps_per_epoch: int, total_steps: int) -> dict[str, np.ndarray]:
+    """The numbers that shape a run's learning-rate schedule: its peak, warmup steps and decay steps.
+
+    The train step takes them as an argument rather than as constants compiled into it, so that a run
+    with another `--learning-rate` or length (`--epochs 40` resuming a run of 20) reuses the compiled
+    step, from memory or from the compilation cache.
+    """
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1))
-    if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
-                                     optax.constant_schedule(config.learning_rate)], [warmup])
-    return optax.constant_schedule(config.learning_rate)
+    return {"peak": np.float32(config.learning_rate), "warmup_steps": np.int32(warmup),
+            "decay_steps": np.int32(max(total_steps, warmup + 1))}
+
+
+def learning_rate(step, kind: str, numbers: dict) -> jax.Array:
+    """The rate at `step`: linear warmup from 0 to the peak, then a cosine to 0 at decay_steps ("cosine")
+    or the peak ever after ("constant"). Works on arrays, traced or not."""
+    step = jnp.asarray(step, jnp.float32)
+    peak, warmup, decay = (jnp.asarray(numbers[k], jnp.float32) for k in ("peak", "warmup_steps", "decay_steps"))
+    warming_up = peak * step / jnp.maximum(warmup, 1.0)
+    if kind == "cosine":
+        after = peak * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip((step - warmup) / (decay - warmup), 0.0, 1.0)))
+    elif kind == "constant":
+        after = peak
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {kind!r}")
+    return jnp.where(step < warmup, warming_up, after)
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """A run's schedule as a function of the step: linear warmup from 0, then cosine decay to 0 (or constant)."""
+    return functools.partial(learning_rate, kind=config.schedule,
+                             numbers=schedule_numbers(config, steps_per_epoch, total_steps))
 
 
 def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -153,8 +177,9 @@ def lowest_train_loss(num_classes: int, label_smoothing: float) -> float:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, learning_rate_fn: Callable | None = None,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step (SGD or Adam, as `state.tx` says).
+               axis_name: str | None = None, tx: optax.GradientTransformation | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step (SGD or Adam, as `tx` says: by default `state.tx`).
 
     batch: {"image": [B, H, W, 3] float (normalised), "label": [B] int}.
 
@@ -172,7 +197,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)  # the gradient of the *global* batch's mean loss
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    updates, opt_state = (tx or state.tx).update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, batch_stats=batch_stats)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
     if axis_name is not None:
         metrics = lax.pmean(metrics, axis_name)
@@ -187,14 +214,16 @@ def shard_position(axis_name: str | None, num_shards: int):
 
 
 def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, perm: jax.Array,
-                              base_rng: jax.Array, *, config: Config, steps_per_epoch: int,
-                              mean, std, learning_rate_fn=None, axis_name: str | None = None,
+                              base_rng: jax.Array, lr_numbers: dict, *, config: Config, steps_per_epoch: int,
+                              mean, std, axis_name: str | None = None,
                               num_shards: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """Select, augment and normalise this step's examples on the device, then `train_step`.
 
     images: [N, H, W, 3] uint8 and labels: [N], the whole split, already on every device;
     perm: [N], this epoch's shuffled order. Everything else (step, RNG) derives from `state.step`,
     so no value crosses from the host per step, and a resumed run sees exactly the same batches.
+    lr_numbers: `schedule_numbers(...)`; the optimizer (the config's, as `state.tx`) is built here
+    around them, so that they stay arguments of the compiled step rather than constants in it.
     """
     shard, num_shards = shard_position(axis_name, num_shards)
     global_batch = config.batch_size
@@ -210,13 +239,15 @@ def train_step_on_device_data(state: TrainState, images: jax.Array, labels: jax.
     batch = data_lib.gather_batch(images, labels, indices)                          # [B/d, H, W, 3] uint8
     x = augment_lib.augment_batch(augment_keys, batch["image"], config.augment)      # [B/d, H, W, 3] float32
     batch = {"image": augment_lib.normalize(x, mean, std), "label": batch["label"]}
+    learning_rate_fn = functools.partial(learning_rate, kind=config.schedule, numbers=lr_numbers)
     return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
-                      learning_rate_fn=learning_rate_fn, axis_name=axis_name)
+                      learning_rate_fn=learning_rate_fn, axis_name=axis_name,
+                      tx=make_optimizer(config, learning_rate_fn))
 
 
 def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax.Array, perm: jax.Array,
-                               base_rng: jax.Array, num_steps: jax.Array, *, loop: bool = True, **step_kwargs
-                               ) -> tuple[TrainState, dict[str, jax.Array]]:
+                               base_rng: jax.Array, lr_numbers: dict, num_steps: jax.Array, *, loop: bool = True,
+                               **step_kwargs) -> tuple[TrainState, dict[str, jax.Array]]:
     """`num_steps` consecutive `train_step_on_device_data` steps in one call: a loop on the device.
 
     Why a loop: every call of a compiled program gets fresh scratch memory for its intermediates. On
@@ -234,15 +265,16 @@ def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax
 
     Returns the state and each metric *summed* over the steps (their mean is sum / "steps").
     """
-    keys = ("loss", "accuracy") + (("learning_rate",) if step_kwargs.get("learning_rate_fn") else ())
+    keys = ("loss", "accuracy", "learning_rate")
     as_sums = lambda metrics: {k: jnp.asarray(metrics[k], jnp.float32) for k in keys}
     if not loop:
-        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, **step_kwargs)
+        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, lr_numbers, **step_kwargs)
         return state, {**as_sums(metrics), "steps": num_steps}
 
     def one_step(_, carry):
         state, sums = carry
-        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, **step_kwargs)
+        state, metrics = train_step_on_device_data(state, images, labels, perm, base_rng, lr_numbers,
+                                                   **step_kwargs)
         return state, jax.tree.map(jnp.add, sums, as_sums(metrics))
 
     sums = {k: jnp.zeros((), jnp.float32) for k in keys}

@@ -291,6 +291,7 @@ class Run:
     epoch_order_fn: Any
     device_data: tuple               # train images [N, H, W, 3] uint8, train labels [N], on the devices
     base_rng: jax.Array
+    lr_numbers: dict                 # the schedule's peak, warmup and decay steps, on the devices
     steps_per_call: int              # the most steps the loop puts in one call (config's, or auto's)
 
     def epoch_order(self, epoch: int) -> jax.Array:
@@ -301,7 +302,7 @@ class Run:
             raise ValueError(f"a call makes 1 to {self.steps_per_call} steps in this run, not {n}")
         train_images, train_labels = self.device_data
         count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
-        return self.step_fn(state, train_images, train_labels, order, self.base_rng, count)
+        return self.step_fn(state, train_images, train_labels, order, self.base_rng, self.lr_numbers, count)
 
     def step(self, state, order):
         return self.steps(state, order, 1)
@@ -333,12 +334,14 @@ def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> R
 
     mean, std = steps.input_normalization(config, ds.mean, ds.std)  # the dataset's, or the report's [-1, 1]
     steps_per_call = config.steps_per_call or steps.auto_steps_per_call(model, image_shape)
+    # The schedule's numbers go in as arguments: another learning rate or run length compiles nothing new.
+    lr_numbers = parallel.replicate(steps.schedule_numbers(config, sched.steps_per_epoch, sched.total_steps), par)
     step_fn = parallel.distribute(functools.partial(
         steps.train_steps_on_device_data, config=config, steps_per_epoch=sched.steps_per_epoch,
-        learning_rate_fn=learning_rate_fn, mean=mean, std=std, loop=steps_per_call > 1), par, out_specs=(P(), P()))
+        mean=mean, std=std, loop=steps_per_call > 1), par, out_specs=(P(), P()))
     evaluation = build_evaluation(config, ds.test, ds.mean, ds.std, par)
     return Run(config, par, sched, ds, model, state, step_fn, evaluation, epoch_order_fn, device_data, base_rng,
-               steps_per_call)
+               lr_numbers, steps_per_call)
 
 
 def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, data_dir: str | None = None,

@@ -157,7 +157,7 @@ def test_a_run_of_one_step_per_call_compiles_no_loop_and_takes_the_same_step():
     single, looped = train.build_run(grouped, ds, one_device), train.build_run(grouped.replace(steps_per_call=2),
                                                                                ds, one_device)
     assert single.steps_per_call == 1                                   # auto, for an XLA convolution on CPU
-    call_args = lambda run: (run.state, *run.device_data, run.epoch_order(0), run.base_rng, np.int32(1))
+    call_args = lambda run: (run.state, *run.device_data, run.epoch_order(0), run.base_rng, run.lr_numbers, np.int32(1))
     loops = lambda run: steps.primitive_counts(jax.make_jaxpr(run.step_fn)(*call_args(run)).jaxpr)["while"]
     assert loops(single) == 0 and loops(looped) == 1
     # The same step either way, the loop program the oracle: not bit for bit, since XLA compiles the
@@ -169,6 +169,25 @@ def test_a_run_of_one_step_per_call_compiles_no_loop_and_takes_the_same_step():
     assert float(metrics_a["loss"]) == pytest.approx(float(metrics_b["loss"]), rel=1e-5)
     with pytest.raises(ValueError, match="a call makes 1 to 1 steps in this run, not 2"):
         single.steps(a, single.epoch_order(0), 2)                       # it would silently take one
+
+
+def test_the_learning_rate_and_the_run_length_are_inputs_of_the_compiled_step_not_part_of_it():
+    # So a run resumed with a larger --epochs, or run again with another --learning-rate, finds its
+    # step already compiled (in memory, or in the compilation cache).
+    ds, one_device = sample_dataset(), parallel.setup("jit")
+    a = train.build_run(TINY, ds, one_device)                                           # lr 0.05, 2 epochs
+    b = train.build_run(TINY.replace(learning_rate=0.01, epochs=5), ds, one_device)
+    program = lambda run: run.step_fn.lower(run.state, *run.device_data, run.epoch_order(0), run.base_rng,
+                                            run.lr_numbers, np.int32(1)).as_text()
+    assert program(a) == program(b) != program(train.build_run(TINY.replace(label_smoothing=0.2), ds, one_device))
+    # And the numbers passed in are the ones used. From the same start, the first step (no warmup, no
+    # momentum yet) moves the parameters by -lr * (1 + momentum) * (gradient + decay): b's by a's x 0.2.
+    start = jax.device_get(a.state)
+    (state_a, metrics_a), (state_b, metrics_b) = (run.step(jax.device_put(start), run.epoch_order(0)) for run in (a, b))
+    assert (float(metrics_a["learning_rate"]), float(metrics_b["learning_rate"])) == pytest.approx((0.05, 0.01))
+    params_a, params_b = jax.device_get(state_a.params), jax.device_get(state_b.params)
+    expected_b = jax.tree.map(lambda p, p_a: p + 0.2 * (p_a - p), start.params, params_a)
+    assert_same_update(start.params, params_b, expected_b, tol=1e-4)
 
 
 def test_calls_end_on_every_step_where_something_happens():

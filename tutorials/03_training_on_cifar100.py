@@ -280,7 +280,7 @@ print(f"width {config.width}: {n_params:,} parameters; {run.sched.steps_per_epoc
 # %%
 order = run.epoch_order(0)                                          # [800]: epoch 0's permutation
 step_args = dict(state=run.state, train_images=run.device_data[0], train_labels=run.device_data[1],
-                 order=order, base_rng=run.base_rng, num_steps=np.int32(1))
+                 order=order, base_rng=run.base_rng, lr_numbers=run.lr_numbers, num_steps=np.int32(1))
 describe = lambda x: f"{tuple(x.shape)} {x.dtype}" if hasattr(x, "shape") else type(x).__name__
 for name, value in step_args.items():
     leaves = jax.tree.leaves(value)
@@ -296,7 +296,9 @@ print("out: metrics      ", {k: describe(v) for k, v in metrics_shape.items()})
 # %% [markdown]
 # The state is the parameters, the optimizer's momentum, BatchNorm's running statistics and the
 # step number: everything that changes. The dataset goes in whole (it is already on the device)
-# together with the epoch's order; the step picks its own 32 examples from `state.step`. What comes
+# together with the epoch's order; the step picks its own 32 examples from `state.step`. The
+# learning-rate schedule's three numbers (peak, warmup steps, decay steps) go in as arrays too, not as
+# constants compiled into the program: a longer run, or another rate, reuses the compiled step. What comes
 # out is the new state and four scalars: loss, accuracy and learning rate summed over the call's
 # steps, and how many steps it ran. No image, no logits, nothing of size `B` crosses back: loss and
 # accuracy are computed *inside* the step, and the loop reads them every `log_every_steps`, never
