@@ -2,7 +2,7 @@
 
     python -m minimobile.bench                                   # width 1.0, batch 128, float32, auto
     python -m minimobile.bench --compare torch                   # and PyTorch's, in the same run
-    python -m minimobile.bench --all-impls --width 0.25          # one row per depthwise implementation
+    python -m minimobile.bench --all-impls --width 0.25          # one row per depthwise implementation but split
     python -m minimobile.bench --json | tail -n 1                # one JSON object, for scripts
     python -m minimobile.bench --per-layer --compare torch       # each layer alone: where the time goes
 

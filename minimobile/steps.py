@@ -98,8 +98,8 @@ def schedule_numbers(config: Config, steps_per_epoch: int, total_steps: int) -> 
     """The numbers that shape a run's learning-rate schedule: its peak, warmup steps and decay steps.
 
     The train step takes them as an argument rather than as constants compiled into it, so that a run
-    with another `--learning-rate` or length (`--epochs 40` resuming a run of 20) reuses the compiled
-    step, from memory or from the compilation cache.
+    with another `--learning-rate` or length (`--epochs 40` resuming a run of 20) finds its compiled
+    step in the compilation cache.
     """
     warmup = int(config.warmup_epochs * steps_per_epoch)
     return {"peak": np.float32(config.learning_rate), "warmup_steps": np.int32(warmup),

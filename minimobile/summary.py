@@ -19,7 +19,7 @@ from minimobile.model import BLOCK_TYPES, MAX_WIDTH, STEM_STRIDES
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m minimobile.summary", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stem", choices=sorted(STEM_STRIDES), default="imagenet")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (paper: 1.0, 0.75, 0.5, 0.25)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default 224, or 32 for --stem cifar)")

@@ -315,10 +315,11 @@ class Run:
 def build_run(config: Config, ds: data_lib.Dataset, par: parallel.Parallel) -> Run:
     """Model, optimizer, initial state, the data on the devices, and the compiled step and evaluation."""
     sched = make_schedule(config, len(ds.train.labels))
-    learning_rate_fn = steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps)
     # BatchNorm averages over the same axis the step averages gradients over.
     model = steps.build_model(config, ds.num_classes, bn_axis_name=par.axis_name)
-    tx = steps.make_optimizer(config, learning_rate_fn)
+    # The state's optimizer lays out the optimizer state, and serves code that calls steps.train_step on
+    # this state directly; the compiled step builds the same optimizer around `lr_numbers` (below).
+    tx = steps.make_optimizer(config, steps.learning_rate_schedule(config, sched.steps_per_epoch, sched.total_steps))
     image_shape = ds.train.images.shape[1:]
     # Initialised on one device and copied to all: one program for every parallel mode (compiled once,
     # then found in the cache), and every process starts from the same numbers.
@@ -584,8 +585,8 @@ def recipes_help() -> str:
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p = ArgumentParser(prog="python -m minimobile.train",
-                                description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.",
-                                epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Train MobileNet-V1 on CIFAR with one pure, data-parallel step.",
+                       epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="a documented starting config (default: %(default)s; listed below)")
     p.add_argument("--dataset", choices=data_lib.DATASETS,

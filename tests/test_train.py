@@ -173,7 +173,7 @@ def test_a_run_of_one_step_per_call_compiles_no_loop_and_takes_the_same_step():
 
 def test_the_learning_rate_and_the_run_length_are_inputs_of_the_compiled_step_not_part_of_it():
     # So a run resumed with a larger --epochs, or run again with another --learning-rate, finds its
-    # step already compiled (in memory, or in the compilation cache).
+    # step already compiled in the compilation cache.
     ds, one_device = sample_dataset(), parallel.setup("jit")
     a = train.build_run(TINY, ds, one_device)                                           # lr 0.05, 2 epochs
     b = train.build_run(TINY.replace(learning_rate=0.01, epochs=5), ds, one_device)
@@ -188,6 +188,14 @@ def test_the_learning_rate_and_the_run_length_are_inputs_of_the_compiled_step_no
     params_a, params_b = jax.device_get(state_a.params), jax.device_get(state_b.params)
     expected_b = jax.tree.map(lambda p, p_a: p + 0.2 * (p_a - p), start.params, params_a)
     assert_same_update(start.params, params_b, expected_b, tol=1e-4)
+    # Through a warmup and into the decay, each step uses the rate worked out by hand (same program
+    # again): 4 steps an epoch, so a warmup of 2 steps, then a cosine to 0 at step 12.
+    c = train.build_run(TINY.replace(warmup_epochs=0.5, epochs=3), ds, one_device)
+    state, used = c.state, []
+    for _ in range(4):
+        state, metrics = c.step(state, c.epoch_order(0))
+        used.append(float(metrics["learning_rate"]))
+    assert used == pytest.approx([0.0, 0.05 / 2, 0.05, 0.05 * 0.5 * (1 + np.cos(np.pi / 10))], abs=1e-8)
 
 
 def test_calls_end_on_every_step_where_something_happens():
