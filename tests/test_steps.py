@@ -82,8 +82,11 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
         d = gradients[path] + (config.weight_decay * w if path in decayed else 0.0)
         expected = w - config.learning_rate * (1 + m) * d
         got = flat(jax.device_get(after.params))[path]
-        # float32: the new weight may round to either neighbour (a BatchNorm scale near 1 moves by 1e-5).
-        tolerance = 1e-4 * np.abs(expected - w).max() + 2 * np.spacing(np.abs(w).max().astype(np.float32))
+        # float32: the new weight and the formula's each round (a BatchNorm scale near 1 moves by 1e-5),
+        # and XLA sums the stem BatchNorm scale's gradient, 16,384 terms that nearly cancel, a little
+        # differently in the two programs (measured with JAX 0.12: 1.5 ulps of a weight near 1). The
+        # errors looked for are far larger: the decay moves the largest weight of a tensor by ~400 ulps.
+        tolerance = 1e-4 * np.abs(expected - w).max() + 4 * np.spacing(np.abs(w).max().astype(np.float32))
         assert np.abs(got - expected).max() <= tolerance, path
 
 
