@@ -104,9 +104,8 @@ def jax_runners(config: Config) -> tuple[Runner, Runner, float, int]:
     """
     run = train_lib.build_run(config, random_dataset(4 * config.batch_size), parallel_lib.setup("jit"))
     order = run.epoch_order(0)
-    call_args = lambda state, n: (state, *run.device_data, order, run.base_rng, run.lr_numbers, np.int32(n))
     start = time.perf_counter()
-    compiled = run.step_fn.lower(*call_args(run.state, 1)).compile()
+    compiled = run.step_fn.lower(*run.step_args(run.state, order, 1)).compile()
     compile_s = time.perf_counter() - start
     forward = jax.jit(lambda state, x: state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                                                       x, train=False))
@@ -117,7 +116,7 @@ def jax_runners(config: Config) -> tuple[Runner, Runner, float, int]:
         state = box["state"]
         while n > 0:
             k = min(n, run.steps_per_call)
-            state, metrics = compiled(*call_args(state, k))
+            state, metrics = compiled(*run.step_args(state, order, k))
             n -= k
         jax.block_until_ready(metrics)
         box["state"] = state

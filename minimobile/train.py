@@ -297,12 +297,15 @@ class Run:
     def epoch_order(self, epoch: int) -> jax.Array:
         return self.epoch_order_fn(np.int32(epoch))
 
+    def step_args(self, state, order, n: int) -> tuple:
+        """What `steps` passes the compiled step, in order (also for tracing or lowering it by hand)."""
+        count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
+        return (state, *self.device_data, order, self.base_rng, self.lr_numbers, count)
+
     def steps(self, state, order, n: int):
         if not 1 <= n <= self.steps_per_call:  # a one-step run's program has no loop: it would do 1 step
             raise ValueError(f"a call makes 1 to {self.steps_per_call} steps in this run, not {n}")
-        train_images, train_labels = self.device_data
-        count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
-        return self.step_fn(state, train_images, train_labels, order, self.base_rng, self.lr_numbers, count)
+        return self.step_fn(*self.step_args(state, order, n))
 
     def step(self, state, order):
         return self.steps(state, order, 1)

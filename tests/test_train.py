@@ -157,8 +157,8 @@ def test_a_run_of_one_step_per_call_compiles_no_loop_and_takes_the_same_step():
     single, looped = train.build_run(grouped, ds, one_device), train.build_run(grouped.replace(steps_per_call=2),
                                                                                ds, one_device)
     assert single.steps_per_call == 1                                   # auto, for an XLA convolution on CPU
-    call_args = lambda run: (run.state, *run.device_data, run.epoch_order(0), run.base_rng, run.lr_numbers, np.int32(1))
-    loops = lambda run: steps.primitive_counts(jax.make_jaxpr(run.step_fn)(*call_args(run)).jaxpr)["while"]
+    loops = lambda run: steps.primitive_counts(
+        jax.make_jaxpr(run.step_fn)(*run.step_args(run.state, run.epoch_order(0), 1)).jaxpr)["while"]
     assert loops(single) == 0 and loops(looped) == 1
     # The same step either way, the loop program the oracle: not bit for bit, since XLA compiles the
     # two apart (the convolution in the loop is another kernel, which sums in another order).
@@ -177,8 +177,7 @@ def test_the_learning_rate_and_the_run_length_are_inputs_of_the_compiled_step_no
     ds, one_device = sample_dataset(), parallel.setup("jit")
     a = train.build_run(TINY, ds, one_device)                                           # lr 0.05, 2 epochs
     b = train.build_run(TINY.replace(learning_rate=0.01, epochs=5), ds, one_device)
-    program = lambda run: run.step_fn.lower(run.state, *run.device_data, run.epoch_order(0), run.base_rng,
-                                            run.lr_numbers, np.int32(1)).as_text()
+    program = lambda run: run.step_fn.lower(*run.step_args(run.state, run.epoch_order(0), 1)).as_text()
     assert program(a) == program(b) != program(train.build_run(TINY.replace(label_smoothing=0.2), ds, one_device))
     # And the numbers passed in are the ones used. From the same start, the first step (no warmup, no
     # momentum yet) moves the parameters by -lr * (1 + momentum) * (gradient + decay): b's by a's x 0.2.
