@@ -209,10 +209,13 @@ def test_calls_end_on_every_step_where_something_happens():
     assert ends == [3, 4, 5, 7, 8, 10, 12, 15, 16, 19, 20, 23]  # logs at 4k, checkpoints at 5k, eval at 7, 10k
 
 
-@pytest.mark.parametrize("stop_at", [6, 8])  # mid-epoch 2; the end of epoch 2, whose evaluation must not be lost
-def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys, stop_at):
+# Mid-epoch 2 under a mesh; the end of epoch 2 (whose evaluation must not be lost) under pmap, whose
+# state carries a leading device axis that the checkpoint must drop on saving and restore on resuming.
+@pytest.mark.parametrize("stop_at, mode", [(6, "mesh"), (8, "pmap")])
+def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys, stop_at,
+                                                                              mode):
     ds = sample_dataset()
-    config = TINY.replace(epochs=3, parallel="mesh", dropout_rate=0.1)  # 4 steps/epoch, 12 in all
+    config = TINY.replace(epochs=3, parallel=mode, dropout_rate=0.1)  # 4 steps/epoch, 12 in all
     uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)  # 2 steps a call (log_every)
 
     # As if SIGTERM arrived during the call that ends at step `stop_at` (calls end at every log step,
