@@ -237,7 +237,7 @@ def _read_split(builder, split: str, label_key: str) -> Split:
         examples = (example for chunk in chunks for example in chunk)
     else:  # tfrecord, e.g. a dir prepared by an older TFDS or by `tfds build`: needs TensorFlow
         examples = tfds.as_numpy(builder.as_dataset(split=split))
-    images, labels = [], []
+    images, labels, ids = [], [], []
     # TFDS warns on every run that OpenCV would decode faster: it would save seconds, once per run.
     advice = _DropMessage("OpenCV is not installed")
     logging.getLogger("absl").addFilter(advice)
@@ -245,11 +245,17 @@ def _read_split(builder, split: str, label_key: str) -> Split:
         for example in examples:  # about 8 s for all of CIFAR, once per run
             images.append(example["image"])
             labels.append(example[label_key])
+            ids.append(example.get("id", b""))
     finally:
         logging.getLogger("absl").removeFilter(advice)
     shape = builder.info.features["image"].shape
     images = np.stack(images) if images else np.zeros((0, *shape), np.uint8)  # [N, H, W, 3]
     labels = np.array(labels)
+    # TFDS shuffles the examples when it prepares a dataset. CIFAR's ids ("test_00000", ...) number
+    # them in the original files' order: put them back in it, so that "the first 2,000 test images"
+    # (the report's evaluation) are the report's, whatever order this TFDS version wrote.
+    in_file_order = np.argsort(np.array(ids), kind="stable")
+    images, labels = images[in_file_order], labels[in_file_order]
     if split in builder.info.splits and len(labels) != builder.info.splits[split].num_examples:
         raise ValueError(f"read {len(labels)} {split} examples, expected "
                          f"{builder.info.splits[split].num_examples}")
