@@ -9,6 +9,7 @@ set's mean and std saved in the workdir, and classified by the latest (or `--che
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import jax
 import numpy as np
@@ -21,16 +22,32 @@ from minimobile.evaluate import abstract_state, load_run_config, restore
 
 
 def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 RGB at `size` (bilinear, like the usual downsampling to CIFAR)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as [H, W, 3] uint8 RGB at `size` (bilinear, like the usual downsampling to CIFAR).
+
+    Turned upright first, as a phone photo is shown (its EXIF orientation); 16-bit samples are scaled
+    to 8 bits (PIL's own conversion would clip them at 255: a white picture).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            # Above 89 M pixels PIL warns of a "decompression bomb": a concern for servers, not for
+            # someone classifying their own photo. Above twice that it refuses, which we say below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "F":
+                raise UserError(f"{path} has floating-point pixels, whose range is not known; save it as an 8- "
+                                "or 16-bit PNG, or a JPEG.")
+            if image.mode.startswith("I"):  # I;16, I;16B, I: 16-bit samples, 0 .. 65535
+                image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
             return np.asarray(image.convert("RGB").resize(size[::-1], Image.BILINEAR), np.uint8)
     except FileNotFoundError:
         raise UserError(f"no image at {path}; check the path.") from None
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read (try PNG or JPEG).") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels PIL opens safely; "
+                        "downscale it first.") from None
     except OSError as e:  # a directory, no permission, a truncated file
         raise UserError(f"cannot read {path} ({e.strerror or e}).") from None
 

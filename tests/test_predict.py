@@ -41,10 +41,32 @@ def test_grey_rgba_and_palette_images_become_the_rgb_they_show(tmp_path, cifar_s
     np.testing.assert_array_equal(read_image(tmp_path / "picture.png", (32, 32)), shown[mode])
 
 
-def test_what_is_not_an_image_is_one_sentence(tmp_path):
+def test_a_16_bit_image_is_the_8_bit_picture_it_shows(tmp_path, cifar_sample):
+    # PIL's own conversion clips 16-bit samples at 255: every pixel would come out white.
+    grey = np.asarray(Image.fromarray(cifar_sample["image"][2]).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 255 * 257 = 65535
+    np.testing.assert_array_equal(read_image(tmp_path / "grey16.png", (32, 32)), np.repeat(grey[..., None], 3, -1))
+
+
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path, cifar_sample):
+    # A phone stores a photo as its sensor saw it, and a tag saying how to turn it to show it upright.
+    picture = cifar_sample["image"][3]
+    stored = Image.fromarray(np.rot90(picture, k=1))       # turned a quarter anticlockwise on the sensor
+    exif = stored.getexif()
+    exif[0x0112] = 6                                       # "rotate 90 degrees clockwise to show"
+    stored.save(tmp_path / "photo.png", exif=exif)
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.png", (32, 32)), picture)
+
+
+def test_what_is_not_an_image_is_one_sentence(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("not a picture")
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "depth.tiff")  # 16 pixels: not too large
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # PIL refuses above twice this: 32 < 64 pixels
     for path, message in [(tmp_path / "missing.png", "no image at .*; check the path"),
                           (tmp_path / "notes.txt", "is not an image PIL can read"),
-                          (tmp_path, "cannot read .*")]:
+                          (tmp_path, "cannot read .*"),
+                          (tmp_path / "depth.tiff", "floating-point pixels, whose range is not known"),
+                          (tmp_path / "huge.png", "has more than the 32 pixels PIL opens safely; downscale it")]:
         with pytest.raises(UserError, match=message):
             read_image(path, (32, 32))
