@@ -350,7 +350,9 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
         name = resolve_depthwise_impl(impl)
         log(f"compiling the train step ({name}) ...")
         train[name], evaluate[name], compile_s, per_call = jax_runners(config)
-        result["impls"][name] = {"compile_s": round(compile_s, 2), "steps_per_call": per_call}
+        # The calls a repeat makes: the trainer's count, unless a repeat has fewer steps than that.
+        result["impls"][name] = {"compile_s": round(compile_s, 2), "steps_per_call": min(per_call, steps_per_repeat),
+                                 "trainer_steps_per_call": per_call}
     if compare == "torch":
         log("building the PyTorch reference ...")
         try:
@@ -398,9 +400,12 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
 
 
 def calls_phrase(result: dict) -> str:
-    n = result["steps_per_call"]
+    n, trainer = result["steps_per_call"], result["impls"][result["depthwise_impl"]]["trainer_steps_per_call"]
     how = "as the trainer makes them" if not result["steps_per_call_asked"] else "as --steps-per-call asked"
-    return f"{n} step{'s' * (n > 1)} per call, {how}"
+    if n < trainer:
+        how += f" ({trainer}), but --steps is {result['steps_per_repeat']}"
+    up_to = "up to " if result["steps_per_repeat"] % n else ""  # e.g. 20 steps: a call of 16, then one of 4
+    return f"{up_to}{n} step{'s' * (n > 1)} per call, {how}"
 
 
 def format_table(result: dict) -> str:
@@ -471,11 +476,16 @@ def main(argv=None) -> None:
     if args.per_layer:
         if args.dtype != "float32":
             raise UserError("--per-layer times float32 layers only; drop --dtype.")
+        if len(impls) > 1:
+            raise UserError("--per-layer times one depthwise implementation at a time; give one --depthwise-impl.")
+        print(f"each layer's forward + backward on its own, depthwise {resolve_depthwise_impl(impls[0])}, "
+              f"width {args.width:g}, batch {args.batch_size}, float32; median of {args.repeats} repeats", flush=True)
         rows = per_layer(args.width, args.batch_size, impls[0], args.repeats, args.steps or 3, args.compare,
                          log=lambda s: print(s, flush=True))
         print(format_per_layer(rows))
         if args.json:
-            print(json.dumps({"width": args.width, "batch_size": args.batch_size, "layers": rows}))
+            print(json.dumps({"width": args.width, "batch_size": args.batch_size,
+                              "depthwise_impl": resolve_depthwise_impl(impls[0]), "layers": rows}))
         return
     result = benchmark(args.width, args.batch_size, args.dtype, impls, args.repeats, args.steps, args.compare,
                        pipeline=not args.no_pipeline, log=lambda s: print(s, flush=True),

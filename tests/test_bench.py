@@ -29,7 +29,20 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
         assert key in result, key
     assert result["depthwise_impl"] == "feature_group_count" and result["batch_size"] == 4
     assert result["steps_per_call"] == 2 and result["steps_per_repeat"] == 3
+    assert "ours up to 2 steps per call, as --steps-per-call asked" in "\n".join(out)  # a call of 2, then of 1
     assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
+
+
+def test_the_table_says_how_many_steps_each_timed_call_ran():
+    def phrase(trainer, steps, asked=0):
+        n = min(trainer, steps)  # as bench times them: calls of the trainer's count, at most a repeat's steps
+        return bench.calls_phrase({"steps_per_call": n, "steps_per_repeat": steps, "steps_per_call_asked": asked,
+                                   "depthwise_impl": "x", "impls": {"x": {"trainer_steps_per_call": trainer}}})
+
+    assert phrase(16, 16) == "16 steps per call, as the trainer makes them"
+    assert phrase(16, 2) == "2 steps per call, as the trainer makes them (16), but --steps is 2"
+    assert phrase(16, 20) == "up to 16 steps per call, as the trainer makes them"  # 16, then 4
+    assert phrase(1, 3) == "1 step per call, as the trainer makes them"
 
 
 def test_per_layer_times_every_conv_layer_of_the_paper_table_once(capsys):
@@ -77,6 +90,7 @@ def test_a_pytorch_that_fails_costs_the_comparison_only(capsys, monkeypatch):
     (["--repeats", "0"], "error: --repeats and --steps must be at least 1"),
     (["--steps-per-call", "-1"], "error: --repeats and --steps must be at least 1, --steps-per-call at least 0"),
     (["--per-layer", "--dtype", "bfloat16"], "error: --per-layer times float32 layers only; drop --dtype."),
+    (["--per-layer", "--all-impls"], "error: --per-layer times one depthwise implementation at a time"),
     (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),  # argparse's own, one line too
 ])
 def test_impossible_settings_are_a_one_line_error_before_anything_is_measured(capsys, argv, message):
