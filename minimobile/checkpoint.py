@@ -158,7 +158,7 @@ class Checkpoints:
     """`workdir/checkpoints/<step>/`, one per save; keeps the last `keep` and the best by eval accuracy."""
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
             policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),

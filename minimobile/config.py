@@ -56,7 +56,10 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> "Config":
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in json.loads(text).items() if k in fields}
+        saved = json.loads(text)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a config is a JSON object of settings, not {type(saved).__name__}")
+        values = {k: v for k, v in saved.items() if k in fields}
         if "eval_at_steps" in values:
             values["eval_at_steps"] = tuple(values["eval_at_steps"])
         return cls(**values)

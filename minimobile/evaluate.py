@@ -23,12 +23,19 @@ from minimobile.config import Config
 from minimobile.errors import ArgumentParser, UserError, exit_on_user_error
 
 
+# What evaluate and predict need to know of the data a run was trained on (train.py writes dataset.json).
+DATASET_FACTS = {"num_classes", "class_names", "mean", "std", "image_shape"}
+
+
 def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
     """The config and dataset facts a training run saved in its workdir."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).expanduser()
     try:
         config = Config.from_json((workdir / "config.json").read_text())
         info = json.loads((workdir / "dataset.json").read_text())
+        missing = sorted(DATASET_FACTS - set(info if isinstance(info, dict) else ()))
+        if missing:
+            raise ValueError(f"dataset.json lacks {', '.join(missing)}")
     except FileNotFoundError:
         raise UserError(f"{workdir} holds no training run (no config.json); train one first with "
                         f"`python -m minimobile.train --workdir {workdir}`.") from None
@@ -55,7 +62,7 @@ def restore(checkpoints: Checkpoints, state, which: str):
             raise UserError(f"no checkpoint in {checkpoints.directory} has an evaluation yet, so none is best; "
                             "use --checkpoint latest.")
     else:
-        step = int(which) if which.isdigit() else None
+        step = int(which) if which.isascii() and which.isdigit() else None  # not "²", a digit to isdigit
     if step not in available:
         raise UserError(f"no checkpoint {which!r} in {checkpoints.directory}; available steps: "
                         f"{', '.join(map(str, available))} (or 'latest', 'best').")
@@ -83,7 +90,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
     from minimobile import data as data_lib
     from minimobile.train import build_evaluation
 
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).expanduser()
     config, info = load_run_config(workdir)
     test = data_lib.load_split(config.dataset, data_dir, "test", label_key=config.label_key)
     par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size

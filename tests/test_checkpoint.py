@@ -99,13 +99,16 @@ def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choice
     checkpoints.wait()
     for which, message in [("bset", r"no checkpoint 'bset' .* available steps: 4 \(or 'latest', 'best'\)"),
                            ("7", r"no checkpoint '7' .* available steps: 4"),
+                           ("\u00b2", r"no checkpoint '\u00b2' .* available steps: 4"),  # a digit to str.isdigit
                            ("best", r"no checkpoint .* has an evaluation yet, so none is best; use --checkpoint latest")]:
         with pytest.raises(UserError, match=message):
             restore(checkpoints, make_state(0, 0.0), which)
     checkpoints.close()
-    (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
-        load_run_config(tmp_path)
+    for config_json, dataset_json in [("{ not json", "{}"), ("null", "{}"), ("{}", "{}")]:  # "{}": no facts
+        (tmp_path / "config.json").write_text(config_json)
+        (tmp_path / "dataset.json").write_text(dataset_json)
+        with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
+            load_run_config(tmp_path)
     with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
         load_run_config(tmp_path / "config.json")                # a file given as the workdir
 

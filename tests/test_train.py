@@ -294,11 +294,12 @@ def test_a_workdir_of_another_model_or_optimizer_is_refused(tmp_path, saved, mes
         train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
 
 
-def test_a_damaged_config_json_is_one_sentence_and_is_left_as_it_is(tmp_path):
-    (tmp_path / "config.json").write_text('{"dataset": "cifar1')            # cut short
+@pytest.mark.parametrize("damaged", ['{"dataset": "cifar1', "null"])  # cut short; JSON, but not a config
+def test_a_damaged_config_json_is_one_sentence_and_is_left_as_it_is(tmp_path, damaged):
+    (tmp_path / "config.json").write_text(damaged)
     with pytest.raises(UserError, match="cannot read .*config.json .*restore it, or choose another --workdir"):
         train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
-    assert (tmp_path / "config.json").read_text() == '{"dataset": "cifar1'
+    assert (tmp_path / "config.json").read_text() == damaged
 
 
 def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path, capsys):
@@ -333,7 +334,7 @@ def cli(*args, cwd=None, env=None):
                           env=env)
 
 
-def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_data_dir, capsys):
+def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_data_dir, capsys, monkeypatch):
     workdir, compiled = tmp_path / "run", str(tmp_path / "compiled")
     trained = cli("minimobile.train", "--dataset", "cifar100", "--data-dir", cifar100_data_dir, "--workdir",
                   str(workdir), "--epochs", "1", "--batch-size", "16", "--width", "0.0625", "--no-progress",
@@ -364,7 +365,8 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
 
     shutil.rmtree(workdir / "eval")
     (workdir / "eval").write_text("")                                      # so eval/ cannot be made
-    again = evaluate_workdir(workdir, str(test_only))
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/run" (a quoted ~ or --workdir=~/run, which no shell expands)
+    again = evaluate_workdir("~/run", str(test_only))
     assert again["accuracy"] == pytest.approx(result["accuracy"]) and again["confusion_matrix"] is None
     assert "warning: cannot write to" in capsys.readouterr().err
     (workdir / "eval").unlink()
@@ -375,7 +377,7 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     Image.fromarray(load_cifar100_sample()["image"][0]).resize((64, 64)).save(image)
     from minimobile import predict as predict_cli
 
-    predict_cli.main(["--workdir", str(workdir), str(image)])  # in-process: train and evaluate showed the CLI
+    predict_cli.main(["--workdir", "~/run", str(image)])  # in-process: train and evaluate showed the CLI
     printed = capsys.readouterr().out
     assert printed.startswith(f"{image}: ") and printed.count("%") == 5
     percents = [float(part.rsplit(" ", 2)[1]) for part in printed.split(": ", 1)[1].split(", ")]
