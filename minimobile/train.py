@@ -63,6 +63,11 @@ def validate(config: Config) -> None:
         raise UserError(f"--steps-per-call must be positive (or 0 for auto), got {config.steps_per_call}.")
     if config.augment not in augment_lib.AUGMENTATIONS:
         raise UserError(f"--augment must be one of {', '.join(augment_lib.AUGMENTATIONS)}, got {config.augment!r}.")
+    if config.model == "seed_cnn":  # the report's network is fixed: a MobileNet knob would be ignored silently
+        for flag, field in (("--width", "width"), ("--block", "block"), ("--dropout", "dropout_rate")):
+            if getattr(config, field) != getattr(Config(), field):
+                raise UserError(f"{flag} shapes MobileNet only, and the seed-tf recipes train the report's fixed "
+                                f"network (minimobile/seed_cnn.py); drop {flag}.")
 
 
 class Workdir:
@@ -647,8 +652,9 @@ def check_coordinator_port(coordinator: str) -> None:
     import socket
 
     host, _, port = coordinator.rpartition(":")
-    if not (host and port.isdigit()):
-        raise UserError(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:8476), got {coordinator!r}.")
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 2 ** 16):
+        raise UserError(f"--coordinator must be HOST:PORT, PORT from 1 to 65535 (e.g. 10.0.0.1:8476), "
+                        f"got {coordinator!r}.")
     # JAX's coordinator listens on every address of the host ([::]:PORT), with SO_REUSEADDR: so only
     # another program listening on PORT stops it, and that is what this probe finds.
     for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):

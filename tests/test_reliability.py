@@ -164,6 +164,8 @@ def run_main(argv, capsys):
     (["--steps", "-1"], "error: --steps must be positive (or 0 to count in epochs)"),
     (["--steps-per-call", "-1"], "error: --steps-per-call must be positive (or 0 for auto)"),
     (["--epochs", "3", "--steps", "30"], "error: give --epochs or --steps, not both"),
+    (["--recipe", "seed-tf", "--width", "0.25"], "error: --width shapes MobileNet only, and the seed-tf recipes"),
+    (["--recipe", "seed-tf-ours", "--dropout", "0.5"], "error: --dropout shapes MobileNet only"),
     (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
 ])
@@ -403,8 +405,9 @@ def test_a_run_that_cannot_assemble_says_why_in_one_sentence(tmp_path, cifar100_
         with pytest.raises(UserError, match=f"another program listens on port {port} there; choose another port"):
             check_coordinator_port(f"127.0.0.1:{port}")
     check_coordinator_port(f"127.0.0.1:{port}")  # free again
-    with pytest.raises(UserError, match="--coordinator must be HOST:PORT"):
-        check_coordinator_port("127.0.0.1")
+    for malformed in ("127.0.0.1", "127.0.0.1:99999", "127.0.0.1:0"):
+        with pytest.raises(UserError, match="--coordinator must be HOST:PORT, PORT from 1 to 65535"):
+            check_coordinator_port(malformed)
 
 
 
