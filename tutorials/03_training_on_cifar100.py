@@ -640,7 +640,8 @@ print(f"shared: {theirs.model} on {theirs.dataset}, {theirs.optimizer} from {the
 # augmentation (the recipes' reasoning: in 4 epochs an 11.5 k-parameter network should underfit
 # rather than overfit, and augmentation is a remedy for overfitting), and the measurement: both evaluate on all 10,000 clean test images, and also report
 # `eval_accuracy_first_2000`, the accuracy on the first 2,000, because that is the subset the
-# report measured. The two schedules, exactly as the runs would use them (computed, not trained):
+# report measured (the first in the CIFAR files' order: TFDS shuffles the examples when it prepares
+# them, and `data.py` puts them back). The two schedules, exactly as the runs would use them (computed, not trained):
 
 # %%
 cifar10_steps_per_epoch = 50_000 // 20
