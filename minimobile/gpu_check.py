@@ -10,24 +10,30 @@ important first, since a lent GPU's minutes are few:
      PyTorch's CUDA build on the same network (channels_last; float32, and bf16 under autocast),
      skipped and said so when torch or its CUDA is missing; then the same in bfloat16 at the default
      recipe's batch (256), and what that makes the recipe's 200 epochs of CIFAR-100 take;
-  2. what determinism costs: the default ('auto') train step in bfloat16 at batch 1024, once as it is
-     and once with XLA_FLAGS=--xla_gpu_deterministic_ops=true (each in a fresh process, since XLA
-     reads its flags when it starts), and the ratio of the two;
+  2. what determinism costs: the default ('auto') train step in bfloat16 at batch 1024, as it is,
+     with XLA_FLAGS=--xla_gpu_deterministic_ops=true (deterministic kernels, and no autotuning:
+     XLA then takes its default kernel for each operation), and with
+     --xla_gpu_exclude_nondeterministic_ops=true (deterministic kernels, still autotuned), each in a
+     fresh process, since XLA reads its flags when it starts; and the ratios;
   3. every other depthwise implementation (except 'split', which compiles one conv per channel) in
      both dtypes at the same batch;
   4. the fastest implementation in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
 
-Each line of the output file is one measurement as JSON, then a readable table at the end; a
-partial file is still useful if the run is cut short. Budget: `--budget-s` (default 240) of
-measuring; what does not fit is skipped and listed. Compiles dominate (tens of seconds each).
+Each line of the output file is one measurement as JSON (a skipped one too), then a readable table
+at the end; the table is also rewritten after every measurement beside it (`--out` with `.md`), so a
+run cut short still leaves both. Budget: `--budget-s` (default 360) of measuring; what does not fit
+is skipped and listed; a measurement begun in time may run on, the fresh processes of step 2 at
+most OVERRUN_S past it. Compiles dominate (tens of seconds each).
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -48,8 +54,9 @@ DTYPES = ("float32", "bfloat16")
 SWEEP_BATCH_SIZES = (256, 1024, 4096)  # CIFAR images are small: 4096 is ~20 GB of activations
 RECIPE = Config()  # the default recipe: batch 256, 200 epochs
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000  # images in CIFAR-100's splits
-CHILD_TIMEOUT_S = 180  # step 2's fresh processes: start, compile and time one configuration
-OVERRUN_S = 150        # how far past --budget-s a measurement begun in time may run (a command has a limit)
+CHILD_TIMEOUT_S = 150  # step 2's fresh processes: start, compile and time one configuration
+OVERRUN_S = 120        # how far past --budget-s step 2's processes may run (a command has a limit)
+DETERMINISM_FLAGS = ("", "--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
 
 
 def gpu_name() -> str:
@@ -91,29 +98,35 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="steps per timed repeat")
     p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 4")
-    p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
+    p.add_argument("--budget-s", type=float, default=360.0, help="stop starting new measurements after this")
     p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     rows: list[dict] = []
     skipped: list[str] = []
 
+    table_path = pathlib.Path(args.out).with_suffix(".md")
     with open(args.out, "w") as f:
         def write(row: dict) -> None:
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
             print(json.dumps(row), flush=True)
+            table_path.write_text(table(rows) + "\n")  # as it stands: a run cut short keeps it
 
         write({"what": "machine", "date": datetime.date.today().isoformat(), "gpu": gpu_name(),
-               "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
+               "backend": jax.default_backend(), "python": platform.python_version(), **versions(),
                "width": args.width, "repeats": args.repeats, "steps": args.steps})
 
         elapsed = lambda: time.perf_counter() - start
 
+        def skip(label: str) -> None:
+            skipped.append(label)
+            write({"what": "skipped", "config": label, "at_s": round(elapsed())})
+
         def over_budget(label: str) -> bool:
             if elapsed() > args.budget_s:
-                skipped.append(label)
+                skip(label)
                 return True
             return False
 
@@ -170,20 +183,24 @@ def main(argv=None) -> None:
             write({"what": "recipe_estimate", "width": args.width, "batch_size": RECIPE.batch_size,
                    "epochs": RECIPE.epochs, "epoch_s": round(epoch_s, 2),
                    "total_min": round(RECIPE.epochs * epoch_s / 60, 1)})
-        # 2. The cost of deterministic GPU kernels (README, Reliability): the same step with and without,
-        # both or neither (one alone says nothing).
-        flags = ("", "--xla_gpu_deterministic_ops=true")
-        if not over_budget(f"auto bfloat16 batch {args.batch_size} with and without {flags[1]}"):
-            timeout_s = lambda: max(30.0, min(CHILD_TIMEOUT_S, args.budget_s + OVERRUN_S - elapsed()))
-            timed = {flag: train_in_fresh_process(args, flag, timeout_s()) for flag in flags}
-            errors = {flag: r for flag, r in timed.items() if isinstance(r, str)}
-            for flag, error in errors.items():
-                write({"what": "error", "config": f"auto bfloat16 batch {args.batch_size} XLA_FLAGS+={flag!r}",
-                       "error": error})
-            if not errors:
-                write({"what": "deterministic_ops", "batch_size": args.batch_size, "dtype": "bfloat16",
-                       "images_per_sec": timed[flags[0]], "deterministic_images_per_sec": timed[flags[1]],
-                       "ratio": round(timed[flags[1]] / timed[flags[0]], 3)})
+        # 2. The cost of deterministic GPU kernels (README, Reliability): the same step without the flags,
+        # then with each, every flagged run against the plain one (so without it they are skipped).
+        plain, *determinism = DETERMINISM_FLAGS
+        if not over_budget(f"auto bfloat16 batch {args.batch_size} with and without {' or '.join(determinism)}"):
+            timeout_s = lambda: min(CHILD_TIMEOUT_S, args.budget_s + OVERRUN_S - elapsed())
+            timed = {}
+            for flag in DETERMINISM_FLAGS:  # the plain run first: a ratio needs it
+                if (timeout := timeout_s()) < 30 or isinstance(timed.get(plain), str):
+                    skip(f"auto bfloat16 batch {args.batch_size} XLA_FLAGS+={flag!r}")
+                    continue
+                timed[flag] = train_in_fresh_process(args, flag, timeout)
+                if isinstance(timed[flag], str):
+                    write({"what": "error", "config": f"auto bfloat16 batch {args.batch_size} XLA_FLAGS+={flag!r}",
+                           "error": timed[flag]})
+                elif flag:
+                    write({"what": "deterministic_ops", "flag": flag, "batch_size": args.batch_size,
+                           "dtype": "bfloat16", "images_per_sec": timed[plain],
+                           "deterministic_images_per_sec": timed[flag], "ratio": round(timed[flag] / timed[plain], 3)})
         # 3. The other implementations, both dtypes.
         for dtype in DTYPES:
             for impl in (i for i in IMPLS if i != default):
@@ -198,30 +215,51 @@ def main(argv=None) -> None:
                 measure(best, "bfloat16", batch_size)
         if skipped:
             write({"what": "skipped", "over_budget": skipped})
-
         f.write("\n" + table(rows) + f"\ntotal {time.perf_counter() - start:.0f} s\n")
     print(table(rows))
 
 
+def versions() -> dict[str, str]:
+    """The versions the figures depend on, as installed (None where one is missing)."""
+    found = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def table(rows: list[dict]) -> str:
     """The measurements as a Markdown table, ready for the README."""
-    lines = ["| implementation | dtype | batch | train img/s | eval img/s | train TFLOP/s | compile s | PyTorch img/s | ratio |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    machine = next((r for r in rows if r.get("what") == "machine"), {})
+    torch_version = next((r["torch_version"] for r in rows if "torch_version" in r), None)
+    lines = [f"{machine.get('date')}, {machine.get('gpu')}; JAX {machine.get('jax')}, Flax {machine.get('flax')}"
+             + (f", PyTorch {torch_version}" if torch_version else "") + f"; MobileNet-V1 x{machine.get('width')}, "
+             f"32x32 inputs, median of {machine.get('repeats')} repeats x {machine.get('steps')} steps",
+             "",
+             "| implementation | dtype | batch | train img/s | eval img/s | train TFLOP/s | compile s | PyTorch img/s "
+             "| ratio | eval ratio |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.get("what") != "train_step":
             continue
-        torch_cols = (f"{r['torch_images_per_sec']:,.0f} | {r['ratio']:.2f}x" if "ratio" in r else "- | -")
+        torch_cols = (f"{r['torch_images_per_sec']:,.0f} | {r['ratio']:.2f}x | "
+                      f"{r['eval_images_per_sec'] / r['torch_eval_images_per_sec']:.2f}x" if "ratio" in r else "- | - | -")
         lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch_size']} | {r['images_per_sec']:,.0f} | "
                      f"{r['eval_images_per_sec']:,.0f} | {r['train_tflops']} | {r['compile_s']:.0f} | {torch_cols} |")
     lines.append("\nfloat32 rows: the convolutions run on TF32 tensor cores on both sides (JAX's default precision; "
-                 "PyTorch's cudnn.allow_tf32, on by default). PyTorch: channels_last, cudnn.benchmark on.")
+                 "PyTorch's cudnn.allow_tf32, on by default). PyTorch: channels_last, cudnn.benchmark on. Compile "
+                 "times depend on the order: XLA reuses, within a process, the autotuning of earlier rows.")
     for r in rows:
         if r.get("what") == "recipe_estimate":
             lines.append(f"\nThe default recipe (x{r['width']}, batch {r['batch_size']}, bfloat16): "
                          f"{r['epoch_s']:.1f} s an epoch of CIFAR-100 (train steps and one evaluation), "
                          f"{r['epochs']} epochs in about {r['total_min']:.0f} minutes")
         if r.get("what") == "deterministic_ops":
-            lines.append(f"\n--xla_gpu_deterministic_ops=true: {r['deterministic_images_per_sec']:,.0f} img/s against "
+            how = ("deterministic kernels, no autotuning" if r["flag"].startswith("--xla_gpu_deterministic_ops")
+                   else "deterministic kernels, autotuned")
+            lines.append(f"\n{r['flag']} ({how}): {r['deterministic_images_per_sec']:,.0f} img/s against "
                          f"{r['images_per_sec']:,.0f} without ({r['ratio']:.2f}x), bfloat16, batch {r['batch_size']}")
     return "\n".join(lines)
 

@@ -191,7 +191,10 @@ def test_the_gpu_check_runs_every_section_and_writes_its_table(tmp_path):
     assert "error" not in kinds and "skipped" not in kinds, rows
     # Every impl x dtype, the default one at the recipe's batch, then the sweep's batch.
     assert kinds.count("train_step") == 2 * len(gpu_check.IMPLS) + 2
-    assert "deterministic_ops" in kinds and "recipe_estimate" in kinds and "| implementation | dtype |" in text
+    assert "recipe_estimate" in kinds and "| implementation | dtype |" in text
+    assert [r["flag"] for r in rows if r["what"] == "deterministic_ops"] == list(gpu_check.DETERMINISM_FLAGS[1:])
+    assert {"jax", "flax", "torch"} <= set(rows[0])                       # the machine row: versions too
+    assert "| implementation | dtype |" in out.with_suffix(".md").read_text()  # kept current, for a cut-short run
 
 
 def test_the_gpu_check_without_a_gpu_says_what_to_do_and_measures_nothing(tmp_path):
