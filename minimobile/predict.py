@@ -30,11 +30,12 @@ def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings():
             # Above 89 M pixels PIL warns of a "decompression bomb": a concern for servers, not for
             # someone classifying their own photo. Above twice that it refuses, which we say below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = ImageOps.exif_transpose(image)
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened)  # a new image, read in full: the file can close
             if image.mode == "F":
                 raise UserError(f"{path} has floating-point pixels, whose range is not known; save it as an 8- "
                                 "or 16-bit PNG, or a JPEG.")

@@ -58,6 +58,17 @@ def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path, cifar_
     np.testing.assert_array_equal(read_image(tmp_path / "photo.png", (32, 32)), picture)
 
 
+def test_a_very_large_photo_is_read_without_a_decompression_bomb_warning(tmp_path, monkeypatch):
+    # PIL warns above MAX_IMAGE_PIXELS (89 M pixels: a 13,000 x 7,000 panorama), to protect servers.
+    import warnings
+
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "panorama.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # so 64 pixels warn (and 80 would be refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.all(read_image(tmp_path / "panorama.png", (4, 4)) == 200)
+
+
 def test_what_is_not_an_image_is_one_sentence(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("not a picture")
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "depth.tiff")  # 16 pixels: not too large
