@@ -2,8 +2,9 @@
 
 `metrics.jsonl` holds one JSON object per line: every log step of training
 (`{"step", "epoch", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"}`) and every
-evaluation (`{"step", "epoch", "eval_loss", "eval_accuracy", "eval_accuracy_top5"}`). It is the
-boring, greppable record; TensorBoard shows the same numbers as curves.
+evaluation (`{"step", "epoch", "eval_loss", "eval_accuracy", "eval_accuracy_top5"}`). The train
+figures, the learning rate among them, are means over the steps since the previous log line, not
+values at `step`. It is the boring, greppable record; TensorBoard shows the same numbers as curves.
 """
 
 from __future__ import annotations
