@@ -98,13 +98,14 @@ def test_whole_model_flops_are_the_conv_count_plus_a_few_percent_elementwise():
     assert 1.0 < ratio < 1.08
 
 
-@pytest.mark.parametrize("width, resolution, block", [(1.0, 224, "separable"), (0.5, 160, "standard")])
-def test_flax_model_has_exactly_the_counted_parameters(width, resolution, block):
-    model = MobileNetV1(width=width, block=block)
+@pytest.mark.parametrize("width, resolution, block, multiplier", [(1.0, 224, "separable", 1), (0.5, 160, "standard", 1),
+                                                                (0.25, 128, "separable", 2)])
+def test_flax_model_has_exactly_the_counted_parameters(width, resolution, block, multiplier):
+    model = MobileNetV1(width=width, block=block, depth_multiplier=multiplier)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)))
     leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
     in_bn = lambda path: any(getattr(k, "key", None) == "bn" for k in path)
-    t = totals(mobilenet_v1_layers(width, resolution, 1000, "imagenet", block))
+    t = totals(mobilenet_v1_layers(width, resolution, 1000, "imagenet", block, depth_multiplier=multiplier))
     assert sum(x.size for p, x in leaves if not in_bn(p)) == t["params"]
     assert sum(x.size for p, x in leaves if in_bn(p)) == t["bn_params"]
 

@@ -20,29 +20,53 @@ from oracles import log_softmax, normalised
 from test_train import TINY, sample_dataset
 
 
-def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_padding():
+@pytest.mark.parametrize("mode", ["jit", "mesh", "pmap"])  # 8 devices: each holds 2 images of a batch
+def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_padding(mode):
     # 24 test images in batches of 16: the second batch is half padding. An untrained network gets
     # about nothing right, so the labels are chosen from its own logits: 8 images labelled with their
-    # top class, 8 with their 3rd (top-5, not top-1), 8 with their last (neither).
-    ds = sample_dataset()
-    run = train.build_run(TINY, ds, parallel.setup("jit"))
-    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    apply = jax.jit(lambda variables, x: run.model.apply(variables, x, train=False))
-    logits = np.asarray(apply(variables, normalised(ds.test.images, ds.mean, ds.std)))                 # [24, 100]
+    # top class, 8 with their 3rd (top-5, not top-1), 8 with their last (neither). On 8 devices, the
+    # counts are summed over all of them, and the predictions come back in the test split's order.
+    ds, config = sample_dataset(), TINY.replace(parallel=mode)
+    run = train.build_run(config, ds, parallel.setup(mode))
+    state = jax.device_get(parallel.unreplicate(run.state, run.par))
+    x = normalised(ds.test.images, ds.mean, ds.std)
+    # An untrained network gives every image the same top class: its pooled features differ little from
+    # image to image. A classifier that reads only how they differ (random weights on the features less
+    # their mean) answers by the image, so that the order in which the predictions come back shows.
+    features = np.asarray(jax.jit(lambda v, x: steps.build_model(TINY, 0).apply(v, x, train=False))(
+        {"params": state.params, "batch_stats": state.batch_stats}, x))                             # [24, C]
+    centred = features - features.mean(0)
+    kernel = np.random.default_rng(0).standard_normal((features.shape[1], 100)) / centred.std()
+    classifier = {"kernel": kernel.astype(np.float32), "bias": (-features.mean(0) @ kernel).astype(np.float32)}
+    state = state.replace(params={**state.params, "classifier": classifier})
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    apply = jax.jit(lambda variables, x: steps.build_model(TINY, 100).apply(variables, x, train=False))
+    logits = np.asarray(apply(variables, x))                                                            # [24, 100]
     ranked = np.argsort(-logits, axis=-1)
     labels = np.concatenate([ranked[:8, 0], ranked[8:16, 2], ranked[16:, -1]]).astype(np.int32)
 
-    evaluation = train.build_evaluation(TINY, Split(ds.test.images, labels), ds.mean, ds.std, run.par)
-    metrics, predictions = evaluation(run.state)
+    evaluation = train.build_evaluation(config, Split(ds.test.images, labels), ds.mean, ds.std, run.par)
+    metrics, predictions = evaluation(parallel.replicate_device_tree(state, run.par))
     expected_loss = -log_softmax(logits)[np.arange(24), labels].mean()
     assert metrics["count"] == 24
     assert metrics["accuracy"] == pytest.approx(8 / 24) and metrics["accuracy_top5"] == pytest.approx(16 / 24)
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
     np.testing.assert_array_equal(predictions, ranked[:, 0])
+    assert len(set(ranked[:, 0])) > 4  # so the order of the predictions shows
 
 
 def flat(tree) -> dict:
     return {"/".join(path): np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def paper_decayed(weights: dict) -> set[str]:
+    """The kernels weight decay applies to, by name: the paper (section 4) wants little or none on the
+    depthwise filters, and none goes on BatchNorm or biases. The stem's conv, the 13 pointwise convs
+    and the classifier's kernel."""
+    decayed = {p for p in weights if p.endswith("/kernel") and p.split("/")[0] in ("stem", "classifier")
+               or p.endswith("/pointwise/pointwise/kernel")}
+    assert len(decayed) == 1 + 13 + 1 and not any("depthwise/kernel" in p for p in decayed)
+    return decayed
 
 
 def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_and_dense_kernels_only():
@@ -71,12 +95,8 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(before.params)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
 
-    # The paper (section 4): little or no weight decay on the depthwise filters; none on BatchNorm or
-    # biases either. Decayed: the stem's conv, the 13 pointwise convs and the classifier's kernel.
     weights, gradients = flat(before.params), flat(grads)
-    decayed = {p for p in weights if p.endswith("/kernel") and p.split("/")[0] in ("stem", "classifier")
-               or p.endswith("/pointwise/pointwise/kernel")}
-    assert len(decayed) == 1 + 13 + 1 and not any("depthwise/kernel" in p for p in decayed)
+    decayed = paper_decayed(weights)
     m = config.momentum
     for path, w in weights.items():
         d = gradients[path] + (config.weight_decay * w if path in decayed else 0.0)
@@ -88,6 +108,28 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
         # errors looked for are far larger: the decay moves the largest weight of a tensor by ~400 ulps.
         tolerance = 1e-4 * np.abs(expected - w).max() + 4 * np.spacing(np.abs(w).max().astype(np.float32))
         assert np.abs(got - expected).max() <= tolerance, path
+
+
+def test_adam_decays_the_same_kernels_as_sgd_decoupled_from_the_gradient():
+    # AdamW (Loshchilov & Hutter 2019): w' = w - lr * (adam_direction + wd * w) on the decayed kernels,
+    # Adam's w' = w - lr * adam_direction on the rest. So from the same gradients the update with decay
+    # is Adam's minus lr * wd * w on exactly the paper's kernels, and Adam's own everywhere else.
+    from minimobile.model import init_variables
+
+    params = init_variables(steps.build_model(TINY, 100), jax.random.key(0))["params"]
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda w: rng.standard_normal(w.shape).astype(np.float32), params)
+    lr, wd = 1e-3, 1e-2
+
+    def update(weight_decay):
+        tx = steps.make_optimizer(TINY.replace(optimizer="adam", weight_decay=weight_decay), lambda step: lr)
+        return flat(tx.update(grads, tx.init(params), params)[0])
+
+    adam, adamw, weights = update(0.0), update(wd), flat(params)
+    decayed = paper_decayed(weights)
+    for path, w in weights.items():
+        expected = adam[path] - (lr * wd * w if path in decayed else 0.0)
+        np.testing.assert_allclose(adamw[path], expected, rtol=1e-6, atol=1e-10, err_msg=path)
 
 
 @pytest.mark.parametrize("num_classes, smoothing", [(100, 0.1), (20, 0.3)])
