@@ -138,6 +138,26 @@ def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bi
     assert float(summed["loss"]) == pytest.approx(sum(losses), rel=1e-6)  # metrics come back summed
 
 
+def test_a_log_line_holds_the_means_of_its_steps_metrics(tmp_path):
+    # metrics.jsonl at step s: the train loss, accuracy and learning rate averaged over the steps since
+    # the previous line. Against the same steps taken one call each (bit for bit the trainer's steps,
+    # as above). A warmup of 2 steps, then the cosine: the rate differs at every step.
+    config = TINY.replace(epochs=1, warmup_epochs=0.5, log_every_steps=2)           # 4 steps, 2 per line
+    train.train_and_evaluate(config, tmp_path, dataset=sample_dataset())
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+    run = train.build_run(config, sample_dataset(), parallel.setup("jit"))
+    state, order, each = run.state, run.epoch_order(0), []
+    for _ in range(4):
+        state, metrics = run.step(state, order)
+        each.append({k: float(metrics[k]) for k in ("loss", "accuracy", "learning_rate")})
+    assert [r["step"] for r in logged] == [2, 4]
+    for line, steps_of_line in zip(logged, (each[:2], each[2:])):
+        for key in ("loss", "accuracy", "learning_rate"):
+            mean = sum(m[key] for m in steps_of_line) / 2
+            assert line[key if key == "learning_rate" else f"train_{key}"] == pytest.approx(mean, rel=1e-6), key
+    assert len({m["learning_rate"] for m in each}) == 4
+
+
 def test_auto_loops_on_cpu_only_where_the_network_has_no_xla_convolution():
     # Inside a loop XLA:CPU runs convolutions through a slow generic emitter (6-14x slower, README), so
     # "auto" loops the MobileNet whose convolutions are all shifts and matmuls, and not the others.
