@@ -118,8 +118,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
         print(f"warning: cannot write to {out} ({e.strerror or e}); per-class accuracy and the confusion "
               "matrix are not saved.", file=sys.stderr)
         files = {"per_class_accuracy": None, "confusion_matrix": None}
-    worst = sorted(((name, acc) for name, acc in per_class.items() if acc is not None), key=lambda kv: kv[1])[:5]
-    return {**metrics, "step": step, "checkpoint": which, "worst_classes": worst, **files}
+    return {**metrics, "step": step, "checkpoint": which, "worst_classes": hardest_classes(per_class), **files}
+
+
+def hardest_classes(per_class: dict[str, float | None], n: int = 5) -> list[tuple[str, float]]:
+    """The n classes with the lowest accuracy, lowest first; a class with no test image (None) has none to rank."""
+    return sorted(((name, acc) for name, acc in per_class.items() if acc is not None), key=lambda kv: kv[1])[:n]
 
 
 @exit_on_user_error

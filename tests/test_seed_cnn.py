@@ -1,6 +1,7 @@
 """The report's small CIFAR-10 network (issue 8): its block against the report's code, its shapes and
 parameters counted by hand, and its recipe trained, evaluated and resumed end to end, offline."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -151,6 +152,11 @@ def test_recipes_are_the_reports_setup_and_ours_keeps_the_budget():
     ours = RECIPES["seed-tf-ours"]
     assert (ours.model, ours.batch_norm) == ("seed_cnn", True)
     assert ours.batch_size * ours.steps <= tf.batch_size * tf.steps  # no more images seen than the report's run
+    # README: ours changes three things, all about optimisation: BatchNorm, the inputs' normalisation,
+    # and the learning rate (2e-3 after a warmup, then a cosine). Nothing else.
+    changed = {f for f in dataclasses.asdict(tf) if getattr(tf, f) != getattr(ours, f)}
+    assert changed == {"batch_norm", "normalization", "learning_rate", "warmup_epochs", "schedule"}
+    assert (ours.normalization, ours.learning_rate, ours.schedule) == ("dataset", 2e-3, "cosine")
     # `--recipe seed-tf` alone picks CIFAR-10; --dataset and --steps still override.
     assert parse_args(["--recipe", "seed-tf"])[0] == tf
     assert parse_args(["--recipe", "seed-tf", "--steps", "30"])[0].steps == 30

@@ -307,6 +307,8 @@ def test_impossible_settings_end_in_one_sentence(tmp_path, change, message):
     (dict(width=0.5), "width 0.5 there vs 0.0625 now"),
     (dict(optimizer="adam"), "optimizer 'adam' there vs 'sgd' now"),   # SGD's momentum is not Adam's moments
     (dict(batch_size=32), "batch_size 32 there vs 16 now"),             # step s would be another batch
+    (dict(dataset="cifar10"), "dataset 'cifar10' there vs 'cifar100' now"),  # other pictures, other classes
+    (dict(normalization="minus_one_to_one"), "normalization 'minus_one_to_one' there vs 'dataset' now"),  # other inputs
 ])
 def test_a_workdir_of_another_model_or_optimizer_is_refused(tmp_path, saved, message):
     (tmp_path / "config.json").write_text(TINY.replace(**saved).to_json())
@@ -440,6 +442,14 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     assert np.abs(np.log(probabilities) - expected).max() < 0.05 * spread  # float32 itself: ~0.01 * spread
 
 
+def test_the_hardest_classes_are_the_five_lowest_accuracies_lowest_first():
+    from minimobile.evaluate import hardest_classes
+
+    per_class = {"apple": 0.9, "bear": 0.1, "cloud": None, "dolphin": 0.5, "fox": 0.0, "girl": 0.3, "house": 0.7}
+    assert hardest_classes(per_class) == [("fox", 0.0), ("bear", 0.1), ("girl", 0.3), ("dolphin", 0.5), ("house", 0.7)]
+    assert hardest_classes({"cloud": None}) == []  # a class with no test image has no accuracy to rank
+
+
 def test_an_unusable_compilation_cache_is_a_warning_not_an_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -481,3 +491,16 @@ def test_train_help_lists_the_promised_flags():
     seed = recipe("seed")
     assert (config.epochs, config.batch_size, config.learning_rate, config.augment) == (
         seed.epochs, seed.batch_size, seed.learning_rate, seed.augment) == (50, 4096, 1e-3, "seed")
+
+
+def test_the_recipes_are_the_settings_readme_gives_them():
+    # README's Train table, field by field: what a user is told each recipe trains with.
+    default, seed = recipe("default"), recipe("seed")
+    assert (default.optimizer, default.momentum, default.learning_rate, default.batch_size) == ("sgd", 0.9, 0.2, 256)
+    assert (default.warmup_epochs, default.schedule, default.weight_decay) == (5.0, "cosine", 5e-4)
+    assert (default.label_smoothing, default.augment, default.epochs, default.dtype) == (0.1, "standard", 200, "auto")
+    # The original report: Adam 1e-3, plain cross-entropy, its torchvision augmentations, batch 4096, 50 epochs.
+    assert (seed.optimizer, seed.learning_rate, seed.schedule, seed.warmup_epochs) == ("adam", 1e-3, "constant", 0.0)
+    assert (seed.label_smoothing, seed.weight_decay, seed.augment) == (0.0, 0.0, "seed")
+    assert (seed.batch_size, seed.epochs, seed.model) == (4096, 50, "mobilenet_v1")
+
