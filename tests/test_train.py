@@ -227,6 +227,22 @@ def test_calls_end_on_every_step_where_something_happens():
         step += n
         ends.append(step)
     assert ends == [3, 4, 5, 7, 8, 10, 12, 15, 16, 19, 20, 23]  # logs at 4k, checkpoints at 5k, eval at 7, 10k
+    # An epoch's end, where nothing else happens, ends a call too: the next step reads the next epoch's order.
+    quiet = train.Schedule(steps_per_epoch=6, total_steps=14, eval_every=100, eval_at=(), checkpoint_every=100,
+                           log_every=100)
+    ends, step = [], 0
+    while step < quiet.total_steps:
+        step += quiet.steps_in_call(step, most=4)
+        ends.append(step)
+    assert ends == [4, 6, 10, 12, 14]
+
+
+def test_every_epoch_has_its_own_order_of_the_whole_train_split():
+    run = train.build_run(TINY, sample_dataset(), parallel.setup("jit"))
+    orders = [np.asarray(run.epoch_order(epoch)) for epoch in range(3)]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(64))  # each image once
+    assert len({order.tobytes() for order in orders}) == 3            # reshuffled every epoch
 
 
 # Mid-epoch 2 under a mesh; the end of epoch 2 (whose evaluation must not be lost) under pmap, whose
