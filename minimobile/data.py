@@ -294,12 +294,17 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
     On purpose: a smaller last batch would give BatchNorm noisier statistics and a new shape that
     forces a recompile. Since each epoch shuffles anew, a dropped example is dropped only for that
-    epoch; the training loop reports how many (`num_examples % batch_size`).
+    epoch; the training loop reports how many (`dropped_per_epoch`).
     """
     if batch_size <= 0 or num_examples < batch_size:
         raise UserError(f"The batch size {batch_size} must be between 1 and the {num_examples} "
                         "training examples; choose a smaller batch size.")
     return num_examples // batch_size
+
+
+def dropped_per_epoch(num_examples: int, batch_size: int) -> int:
+    """How many examples each epoch leaves out: those after its last full batch (see steps_per_epoch)."""
+    return num_examples - steps_per_epoch(num_examples, batch_size) * batch_size
 
 
 def train_batch_indices(perm: jax.Array, step_in_epoch, batch_size: int) -> jax.Array:

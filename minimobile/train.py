@@ -59,6 +59,8 @@ def validate(config: Config) -> None:
         raise UserError(f"--log-every must be at least 1 step, got {config.log_every_steps}.")
     if config.steps < 0:
         raise UserError(f"--steps must be positive (or 0 to count in epochs), got {config.steps}.")
+    if config.keep_checkpoints < 1:
+        raise UserError(f"--keep-checkpoints must be at least 1 (the one to resume from), got {config.keep_checkpoints}.")
     if config.steps_per_call < 0:
         raise UserError(f"--steps-per-call must be positive (or 0 for auto), got {config.steps_per_call}.")
     if config.augment not in augment_lib.AUGMENTATIONS:
@@ -382,6 +384,21 @@ def check_processes_see_the_same(things: dict[str, Any]) -> None:
                         "same data (--data-dir) and one --workdir on a filesystem they all share.")
 
 
+def check_seed_may_change(previous: Config | None, config: Config, start: int | None, steps_per_epoch: int) -> None:
+    """A new --seed may take over at an epoch's end, never in the middle of one.
+
+    The seed decides each epoch's order of the train split (`Run.epoch_order`). Resumed mid-epoch with
+    another seed, the rest of the epoch would follow another order: some images seen twice, others not
+    at all. `previous` is the config the workdir's last run started with, `start` the step resumed from.
+    """
+    if previous is None or not start or start % steps_per_epoch == 0 or previous.seed == config.seed:
+        return
+    raise UserError(f"this run stopped in the middle of epoch {start // steps_per_epoch + 1} (step {start:,}), whose "
+                    f"order --seed {previous.seed} decided: with --seed {config.seed} the rest of it would show some "
+                    f"images twice and others not at all; resume with --seed {previous.seed} (a new seed can take "
+                    "over at an epoch's end).")
+
+
 def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str | None,
            dataset: data_lib.Dataset | None, progress: bool | None) -> dict[str, Any]:
     """`train_and_evaluate`, once the workdir is ours."""
@@ -397,6 +414,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     checkpoints = Checkpoints(work.path, keep=config.keep_checkpoints)
     check_processes_see_the_same({"checkpoints": checkpoints.steps()})
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
+    check_seed_may_change(previous, config, start, sched.steps_per_epoch)
     work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
     state = run.state
     if start:
@@ -407,7 +425,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
         say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{longer}")
     start = start or 0
 
-    dropped = len(ds.train.labels) % config.batch_size
+    dropped = data_lib.dropped_per_epoch(len(ds.train.labels), config.batch_size)
     say(f"{ds.name}: {len(ds.train.labels):,} train / {len(ds.test.labels):,} test images, {ds.num_classes} classes; "
         f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
         + (f" (the last {dropped} of each epoch's shuffled order are skipped; the next epoch reshuffles)"
@@ -574,6 +592,7 @@ FLAGS = {  # flag -> Config field; every one overrides the recipe
     "--learning-rate": "learning_rate", "--weight-decay": "weight_decay", "--augment": "augment",
     "--depthwise-impl": "depthwise_impl", "--parallel": "parallel", "--dropout": "dropout_rate",
     "--block": "block", "--log-every": "log_every_steps", "--steps-per-call": "steps_per_call",
+    "--keep-checkpoints": "keep_checkpoints",
 }
 
 
@@ -627,6 +646,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                    help="steps per compiled call, a loop on the device (default: 1 on GPU; on CPU 16 if the network "
                         "has no XLA convolution, else 1); 1 compiles the step with no loop, which may change "
                         "the last bits of the results, any larger count gives the same results as any other")
+    p.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help="keep the last N checkpoints, and always the one with the best test accuracy (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
                    help="keep compiled programs here, so that a rerun (a resume, the same config again) "

@@ -84,4 +84,8 @@ def explain_failure(text: str, code: int, process_id: int, peer_timeout_s: int, 
         return (f"error: another process of this run stopped answering for {peer_timeout_s} s (killed, preempted "
                 f"or crashed), so process {process_id} stopped too; rerun the same command on every host to resume "
                 f"from the last checkpoint (details in {log}).")
+    if code < 0:  # killed by a signal it could not catch: SIGKILL is what the kernel's OOM killer sends
+        oom = " (out of memory, perhaps: that is what the system sends then)" if code == -signal.SIGKILL else ""
+        return (f"error: process {process_id} was killed by {signal.Signals(-code).name}{oom}; rerun the same "
+                f"command to resume from the last checkpoint (details in {log}).")
     return f"error: process {process_id} stopped unexpectedly (exit code {code}); see {log}."

@@ -31,11 +31,12 @@ def make_state(step: int, value: float, optimizer=optax.sgd(0.1, momentum=0.9)) 
                  batch_stats={"bn": {"mean": jnp.zeros(4)}}, opt_state=optimizer.init(params))
 
 
-def save_all(directory, accuracies: dict[int, float], keep: int = 3) -> None:
-    """One checkpoint per step, its params filled with the step number, saved with its eval accuracy."""
+def save_all(directory, accuracies: dict[int, float | None], keep: int = 3) -> None:
+    """One checkpoint per step, its params filled with the step number, saved with its eval accuracy (if any)."""
     checkpoints = Checkpoints(directory, keep=keep)
     for step, accuracy in accuracies.items():
-        checkpoints.save(step, make_state(step, float(step)), {"eval_accuracy": accuracy})
+        metrics = None if accuracy is None else {"eval_accuracy": accuracy}
+        checkpoints.save(step, make_state(step, float(step)), metrics)
     checkpoints.wait()
     checkpoints.close()
 
@@ -50,6 +51,12 @@ def test_best_is_the_checkpoint_with_the_highest_eval_accuracy_and_outlives_late
     # A resumed run (a new process, so only what is on disk counts) keeps the last 3 and the best.
     save_all(tmp_path, {4: 0.30, 5: 0.40, 6: 0.10})
     assert Checkpoints(tmp_path).steps() == [2, 4, 5, 6] and Checkpoints(tmp_path).best_step() == 2
+
+
+def test_a_checkpoint_saved_without_an_evaluation_goes_once_it_is_not_among_the_newest(tmp_path):
+    # A SIGTERM save has no eval accuracy: it cannot be the best, so only "the last `keep`" keeps it.
+    save_all(tmp_path, {1: None, 2: 0.5, 3: 0.4}, keep=2)
+    assert Checkpoints(tmp_path).steps() == [2, 3]
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused_in_one_sentence_and_nothing_is_moved(tmp_path):
@@ -68,6 +75,12 @@ def test_a_checkpoint_of_another_optimizer_is_refused_in_one_sentence_and_nothin
     # The right state still restores the latest, untouched.
     restored, step = checkpoints.restore_latest(make_state(0, 0.0))
     assert step == 2 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 2.0)
+    # And the other way round: the momentum it holds has no place in a run of plain SGD.
+    plain_sgd = make_state(0, 0.0, optimizer=optax.sgd(0.1))
+    with pytest.raises(UserError, match=r"checkpoint 2 .* \(2 arrays there that this run does not have, e.g. "
+                                        r"opt_state/0/trace/"):
+        checkpoints.restore_latest(plain_sgd)
+    assert checkpoints.steps() == [1, 2] and not (tmp_path / "checkpoints-unreadable").exists()
 
 
 # After a failed read, orbax's I/O threads report to Python's hook for uncatchable errors that its
@@ -84,6 +97,7 @@ def test_a_damaged_checkpoint_is_moved_aside_in_one_line_beside_one_moved_before
             f.write_bytes(b"\0" * 7)
     checkpoints = Checkpoints(tmp_path)
     restored, step = checkpoints.restore_latest(make_state(0, 0.0))
+    assert checkpoints.steps() == [1] and checkpoints.best_step() == 1  # the moved checkpoint is forgotten
     checkpoints.close()
     assert step == 1 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 1.0)
     assert sorted(p.name for p in (tmp_path / "checkpoints-unreadable").iterdir()) == ["2", "2.1"]

@@ -210,7 +210,7 @@ def test_damaged_dataset_info_is_reported_as_corrupt(cifar100_dir, tmp_path, dam
 def test_each_example_at_most_once_per_epoch_and_all_but_the_remainder():
     n, b = 103, 8  # 12 full batches, 7 examples dropped this epoch (not the same 7 next epoch)
     steps = data.steps_per_epoch(n, b)
-    assert steps == 12
+    assert steps == 12 and data.dropped_per_epoch(n, b) == 7  # the number the training loop reports
     perm = data.epoch_permutation(jax.random.key(0), n)
     batch_at = jax.jit(data.train_batch_indices, static_argnums=2)  # step is traced: one compile
     seen = np.concatenate([batch_at(perm, jnp.int32(s), b) for s in range(steps)])

@@ -163,6 +163,7 @@ def run_main(argv, capsys):
     (["--learning-rate", "nan"], "error: --learning-rate must be positive, got nan"),
     (["--steps", "-1"], "error: --steps must be positive (or 0 to count in epochs)"),
     (["--steps-per-call", "-1"], "error: --steps-per-call must be positive (or 0 for auto)"),
+    (["--keep-checkpoints", "0"], "error: --keep-checkpoints must be at least 1"),
     (["--epochs", "3", "--steps", "30"], "error: give --epochs or --steps, not both"),
     (["--recipe", "seed-tf", "--width", "0.25"], "error: --width shapes MobileNet only, and the seed-tf recipes"),
     (["--recipe", "seed-tf-ours", "--dropout", "0.5"], "error: --dropout shapes MobileNet only"),
@@ -410,8 +411,6 @@ def test_a_run_that_cannot_assemble_says_why_in_one_sentence(tmp_path, cifar100_
             check_coordinator_port(malformed)
 
 
-
-
 def test_the_watchdog_blames_a_dead_peer_even_when_it_is_only_the_cause_of_the_error_raised():
     from minimobile.watchdog import explain_failure
 
@@ -437,3 +436,20 @@ def test_the_watchdog_blames_a_dead_peer_even_when_it_is_only_the_cause_of_the_e
     assert explain_failure(own_bug, 1, 0, 10, log) == (
         f"error: process 0 failed (ZeroDivisionError: division by zero); see {log}.")
     assert explain_failure("error: --seed must be positive.\n", 2, 0, 10, log) == "error: --seed must be positive."
+    # The child's last error is the one that stopped it (a checkpoint write that failed while stopping, say).
+    assert explain_failure("error: first.\nwarning: w\nerror: last.\n", 2, 0, 10, log) == "error: last."
+
+
+def test_a_child_killed_by_a_signal_is_named_and_its_watchdog_exits_non_zero(tmp_path, monkeypatch, capsys):
+    from minimobile import watchdog
+
+    # The child: a process that warns, then is killed as the out-of-memory killer would kill it.
+    dies = [sys.executable, "-c", "import os, signal, sys; print('warning: short of memory', file=sys.stderr, "
+            "flush=True); os.kill(os.getpid(), signal.SIGKILL)"]
+    popen = subprocess.Popen
+    monkeypatch.setattr(watchdog.subprocess, "Popen", lambda argv, **kwargs: popen(dies, **kwargs))
+    assert watchdog.run_watched([], str(tmp_path), 0, 10) == 1  # not -9: an exit status is 0..255
+    err = capsys.readouterr().err
+    assert err.startswith("warning: short of memory\n")  # process 0's warnings reach the user as they come
+    assert "error: process 0 was killed by SIGKILL (out of memory, perhaps" in err
+    assert "warning: short of memory" in (tmp_path / "logs" / "process-0.log").read_text()

@@ -251,7 +251,8 @@ def test_every_epoch_has_its_own_order_of_the_whole_train_split():
 def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys, stop_at,
                                                                               mode):
     ds = sample_dataset()
-    config = TINY.replace(epochs=3, parallel=mode, dropout_rate=0.1)  # 4 steps/epoch, 12 in all
+    # 4 steps/epoch, 12 in all; keep_checkpoints 1: the newest checkpoint and the best, no others.
+    config = TINY.replace(epochs=3, parallel=mode, dropout_rate=0.1, keep_checkpoints=1)
     uninterrupted = train.train_and_evaluate(config, tmp_path / "a", dataset=ds)  # 2 steps a call (log_every)
 
     # As if SIGTERM arrived during the call that ends at step `stop_at` (calls end at every log step,
@@ -271,6 +272,11 @@ def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(t
     assert f"SIGTERM received: saved a checkpoint at step {stop_at}" in capsys.readouterr().out
     monkeypatch.undo()
 
+    if stop_at % 4:  # mid-epoch: the seed decided the rest of this epoch's order, so it may not change now
+        with pytest.raises(UserError, match=f"stopped in the middle of epoch 2 .step {stop_at}.*--seed 0 decided: "
+                                            "with --seed 1 the rest of it would show some images twice"):
+            train.train_and_evaluate(config.replace(seed=1), tmp_path / "b", dataset=ds)
+        assert Config.from_json((tmp_path / "b" / "config.json").read_text()).seed == 0
     resumed = train.train_and_evaluate(config, tmp_path / "b", dataset=ds)
     assert f"resumed from epoch {stop_at // 4} (step {stop_at})" in capsys.readouterr().out
     assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
@@ -280,6 +286,8 @@ def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(t
     assert logged(a) == logged(b)  # no step logged twice, none missing, no evaluation lost
     train_losses = lambda records: [r["train_loss"] for r in records if "train_loss" in r]
     assert train_losses(b) == pytest.approx(train_losses(a), rel=1e-6)
+    kept = Checkpoints(tmp_path / "b").steps()
+    assert kept[-1] == 12 and len(kept) <= 2  # the newest, and the best if that is another
 
 
 def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
@@ -365,6 +373,19 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     with pytest.raises(TrainingDiverged, match="between steps 4 and 6; the last good checkpoint .step 4. is kept"):
         train.train_and_evaluate(TINY.replace(epochs=2, learning_rate=1e30), tmp_path, dataset=ds)
     assert Checkpoints(tmp_path).steps() == [4]
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_does(tmp_path, monkeypatch):
+    # An overflow makes inf before it makes nan; the loss is made inf here, after the real steps.
+    steps = train.Run.steps
+
+    def steps_to_infinity(run, state, order, n):
+        state, metrics = steps(run, state, order, n)
+        return state, {**metrics, "loss": metrics["loss"] + float("inf")}
+
+    monkeypatch.setattr(train.Run, "steps", steps_to_infinity)
+    with pytest.raises(TrainingDiverged, match="the training loss became inf between steps 0 and 2; no checkpoint"):
+        train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=sample_dataset())
 
 
 def cli(*args, cwd=None, env=None):
@@ -483,11 +504,12 @@ def test_every_flag_sets_the_config_field_it_names_and_nothing_else():
         "--dataset", "cifar10", "--labels", "coarse_label", "--steps", "11", "--batch-size", "24",
         "--width", "0.3", "--seed", "5", "--dtype", "bfloat16", "--learning-rate", "0.07", "--weight-decay", "0.001",
         "--augment", "none", "--depthwise-impl", "shift_add", "--parallel", "pmap", "--dropout", "0.2",
-        "--block", "standard", "--log-every", "9", "--steps-per-call", "3"])
+        "--block", "standard", "--log-every", "9", "--steps-per-call", "3", "--keep-checkpoints", "2"])
     assert config == Config(
         dataset="cifar10", label_key="coarse_label", steps=11, batch_size=24, width=0.3, seed=5,
         dtype="bfloat16", learning_rate=0.07, weight_decay=0.001, augment="none", depthwise_impl="shift_add",
-        parallel="pmap", dropout_rate=0.2, block="standard", log_every_steps=9, steps_per_call=3)
+        parallel="pmap", dropout_rate=0.2, block="standard", log_every_steps=9, steps_per_call=3,
+        keep_checkpoints=2)
     assert train.parse_args([])[0] == Config()  # no flag: the default recipe, untouched
     assert train.parse_args(["--epochs", "7"])[0] == Config(epochs=7)  # --epochs and --steps: one or the other
 
