@@ -252,14 +252,14 @@ def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax
 
     Why a loop: every call of a compiled program gets fresh scratch memory for its intermediates. On
     CPU that is ~0.5 GB for MobileNet at batch 128, and the kernel maps and zero-fills it page by page
-    (~125,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
+    (~127,000 page faults, ~0.2 s of a ~0.4 s step); inside one call the loop reuses it, step after
     step. `num_steps` is a traced value, so one compiled program serves every count, and every step
     runs the same compiled body: how steps are grouped into calls never changes the result, bit for bit
     (the program of `loop=False` is compiled apart, and may differ from it in the last bits).
 
     `loop=False` compiles one step and no loop, for runs of one step per call (`num_steps` must be 1).
     A loop whose count is traced costs even when it runs once: XLA:CPU keeps the convolutions of a
-    loop body out of its fast kernels (a step of the grouped depthwise at width 0.25 took 4.2x as long),
+    loop body out of its fast kernels (a step of the grouped depthwise at width 0.25 took 4.3x as long),
     and XLA:GPU reads the loop's condition back to the host after each pass, so the host waits for
     every step before it can queue the next.
 

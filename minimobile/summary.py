@@ -48,9 +48,10 @@ def format_table(layers, config: str) -> str:
         size = " x ".join(map(str, layer.input_shape))
         rows.append(f"{layer.type_stride:<14} {layer.filter_text:<20} {size:<16} {layer.params:>11,} {layer.macs:>14,}")
     t = totals(layers)
+    classifier = " + classifier" if any(layer.kind == "fc" for layer in layers) else ", no classifier"
     rows += ["-" * len(header),
              f"{'Total':<52} {t['params']:>11,} {t['macs']:>14,}",
-             f"= {t['params'] / 1e6:.2f} M params (conv kernels + classifier; BatchNorm's {t['bn_params']:,} "
+             f"= {t['params'] / 1e6:.2f} M params (conv kernels{classifier}; BatchNorm's {t['bn_params']:,} "
              f"scale/shift parameters not included), {t['macs'] / 1e6:.1f} M mult-adds."]
     return "\n".join(rows)
 

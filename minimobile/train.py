@@ -621,7 +621,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--labels", choices=("label", "coarse_label"), help="cifar100: fine (100) or coarse (20) labels")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
     p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics and figures go here; "
-                   "rerunning with the same workdir resumes")
+                   "rerunning with the same workdir resumes (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="passes over the train split, in place of a recipe's --steps "
                                                 "(more than a finished run's: it trains on)")
     p.add_argument("--steps", type=int, help="count the run in steps instead of epochs (0: in epochs)")
@@ -668,14 +668,17 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     return config, args
 
 
-def check_coordinator_port(coordinator: str) -> None:
-    """Process 0 serves the run's coordinator on PORT of HOST:PORT: if it cannot, JAX crashes; say why now."""
+def check_coordinator_port(coordinator: str, serves: bool = True) -> None:
+    """Every process checks the form of HOST:PORT; process 0 (`serves`), which serves the run's coordinator
+    on PORT, also checks that it can: if it cannot, JAX crashes. Either way, say why now."""
     import socket
 
     host, _, port = coordinator.rpartition(":")
     if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 2 ** 16):
         raise UserError(f"--coordinator must be HOST:PORT, PORT from 1 to 65535 (e.g. 10.0.0.1:8476), "
                         f"got {coordinator!r}.")
+    if not serves:
+        return
     # JAX's coordinator listens on every address of the host ([::]:PORT), with SO_REUSEADDR: so only
     # another program listening on PORT stops it, and that is what this probe finds.
     for family, anywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
@@ -698,8 +701,8 @@ def main(argv=None) -> None:
     if any(v is not None for v in hosts) and not (None not in hosts and 0 <= args.process_id < args.num_processes):
         raise UserError("a run of several processes needs all of --coordinator HOST:PORT, --num-processes N and "
                         "--process-id I (0 <= I < N), the same coordinator and N on every host.")
-    if args.process_id == 0 and not watchdog.is_child():
-        check_coordinator_port(args.coordinator)
+    if args.coordinator and not watchdog.is_child():
+        check_coordinator_port(args.coordinator, serves=args.process_id == 0)
     if args.coordinator and not watchdog.is_child():  # see watchdog.py: a dead peer becomes one sentence
         sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
                                       args.process_id, args.peer_timeout))

@@ -120,6 +120,12 @@ def test_summary_prints_table_1_and_json_on_the_last_line(capsys):
     summary.main(["--stem", "cifar", "--width", "0.5", "--block", "standard", "--json"])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["resolution"] == 32 and record["num_classes"] == 100 and record["block"] == "standard"
+    # --num-classes 0: the network without its classifier (a feature extractor), 1024 x 1000 + 1000 fewer.
+    summary.main(["--num-classes", "0", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(out[-1])
+    assert record["params"] == 4_210_088 - (1024 * 1000 + 1000) and "no classifier" in out[-2]
+    assert record["macs"] == 568_740_352 - 1024 * 1000 and record["layers"][-1]["type"].startswith("Avg Pool")
 
 
 def test_summary_rejects_a_zero_width_with_one_sentence(capsys):

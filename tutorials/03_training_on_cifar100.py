@@ -427,7 +427,7 @@ for mode in ("eval", "train"):
 # over the batch, and a channel that barely varies (ReLU6 off, or saturated at 6, for most images)
 # has a tiny spread, which magnifies the rounding of everything before it. PyTorch's mixed precision
 # (`torch.autocast`) shows the same error on the same weights: `tests/test_bench.py` checks that ours
-# is no larger (it fails if BatchNorm's statistics are computed in bfloat16 instead). Training
+# is at most 1.1 times as large (it fails if BatchNorm's statistics are computed in bfloat16 instead). Training
 # treats it as one more source of noise among the batch's; what mixed precision must not do is
 # round the parameters or their updates, which is why those stay in float32.
 #
