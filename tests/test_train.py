@@ -290,6 +290,24 @@ def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(t
     assert kept[-1] == 12 and len(kept) <= 2  # the newest, and the best if that is another
 
 
+def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log(tmp_path, monkeypatch, capsys):
+    # Calls of 2 steps, a log, evaluation and checkpoint every 4: a signal during steps 1-2 stops at step 2
+    # (one process waits for no one; several stop together where the host waits anyway, see README).
+    stop, steps = train.StopRequest(), train.Run.steps
+
+    def signal_then_steps(run, state, order, n):
+        stop.signal = signal.SIGTERM
+        return steps(run, state, order, n)
+
+    monkeypatch.setattr(train, "StopRequest", lambda: stop)
+    monkeypatch.setattr(train.Run, "steps", signal_then_steps)
+    with pytest.raises(SystemExit):
+        train.train_and_evaluate(TINY.replace(epochs=1, log_every_steps=4, steps_per_call=2), tmp_path,
+                                 dataset=sample_dataset())
+    assert "SIGTERM received: saved a checkpoint at step 2;" in capsys.readouterr().out
+    assert Checkpoints(tmp_path).steps() == [2]
+
+
 def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     ds = sample_dataset()
     train.train_and_evaluate(TINY, tmp_path, dataset=ds)                    # epochs 1-2: steps 4, 8
