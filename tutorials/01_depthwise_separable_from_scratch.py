@@ -21,8 +21,8 @@
 # derives the saving as a formula, and then checks four real implementations against each other and
 # against the clock.
 #
-# Run it as a notebook (`pip install jupyterlab jupytext`, then `jupyter lab tutorials/`: jupytext opens
-# this `.py` file as one) or as a script: `python tutorials/01_depthwise_separable_from_scratch.py`
+# Run it as a notebook (`pip install jupyterlab jupytext`, `jupyter lab tutorials/`, then right-click
+# this `.py` file, Open With, Notebook) or as a script: `python tutorials/01_depthwise_separable_from_scratch.py`
 # (about a minute on 2 CPU cores).
 # Everything it uses comes from the `minimobile` package; nothing is copied here except the
 # deliberately naive loops we start from.
