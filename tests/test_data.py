@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from minimobile import data
+from minimobile import data, parallel
 from minimobile.errors import UserError
 import cifar_files  # tests/cifar_files.py; pytest puts tests/ on sys.path
 
@@ -66,6 +66,13 @@ def test_real_cifar100_builder_reads_back_exactly_what_was_written(cifar100_dir)
     pixels = ds.train.images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(ds.mean, pixels.mean(0), rtol=1e-9)
     np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-9)
+
+
+def test_reading_in_chunks_smaller_than_the_split_loses_and_repeats_nothing(cifar100_dir, monkeypatch):
+    monkeypatch.setattr(data, "_READ_CHUNK", 13)  # the 40 train images: 3 chunks of 13, then one of 1
+    ds = data.load_dataset("cifar100", cifar100_dir)
+    assert_same_examples(ds.train, cifar_files.fake_split("cifar100", N_TRAIN, seed=0), "label")
+    assert_same_examples(ds.test, cifar_files.fake_split("cifar100", N_TEST, seed=1), "label")
 
 
 def test_cifar100_coarse_labels(cifar100_dir):
@@ -226,6 +233,11 @@ def test_a_batch_larger_than_the_dataset_is_refused():
         data.steps_per_epoch(10, 16)
 
 
+def test_a_batch_of_the_whole_split_is_one_step_per_epoch():
+    assert (data.steps_per_epoch(16, 16), data.dropped_per_epoch(16, 16)) == (1, 0)
+    assert (data.steps_per_epoch(17, 16), data.dropped_per_epoch(17, 16)) == (1, 1)
+
+
 @pytest.mark.parametrize("n, b", [(100, 32), (96, 32), (5, 32), (1, 1), (0, 8)])
 def test_eval_batches_cover_the_test_split_exactly_once(n, b):
     indices, mask = data.eval_batches(n, b)
@@ -245,6 +257,22 @@ def test_shards_reassemble_the_batch():
 def test_a_batch_that_does_not_split_across_devices_is_refused():
     with pytest.raises(UserError, match="multiple of 8"):
         data.shard_slice(jnp.arange(12), 8, 0)
+    # What the trainer says first, with the nearest multiple below (the smallest one, below 8).
+    mesh = parallel.setup("mesh")
+    with pytest.raises(UserError, match=r"--batch-size 12 does not split evenly across 8 devices; use a multiple "
+                                        r"of 8, e\.g\. 8, or --parallel jit"):
+        parallel.check_batch_size(12, mesh)
+    with pytest.raises(UserError, match=r"e\.g\. 8,"):
+        parallel.check_batch_size(3, mesh)
+    parallel.check_batch_size(16, mesh)
+    parallel.check_batch_size(3, parallel.setup("jit"))  # one device takes any batch
+
+
+def test_pmap_and_mesh_give_each_of_the_8_devices_its_own_part_of_the_batch():
+    # Without a device axis, each device would take the whole batch: the same numbers at 8 times the
+    # work, which no equivalence test can see. The conftest makes 8 CPU devices.
+    assert [(parallel.setup(m).axis_name, parallel.setup(m).num_shards) for m in ("jit", "pmap", "mesh")] == [
+        (None, 1), ("batch", 8), ("batch", 8)]
 
 
 def test_gather_batch_matches_numpy_indexing():

@@ -81,3 +81,25 @@ def test_what_is_not_an_image_is_one_sentence(tmp_path, monkeypatch):
                           (tmp_path / "huge.png", "has more than the 32 pixels PIL opens safely; downscale it")]:
         with pytest.raises(UserError, match=message):
             read_image(path, (32, 32))
+
+
+def test_the_command_prints_the_five_likeliest_classes_by_name_likeliest_first(tmp_path, monkeypatch, capsys):
+    # No model: predict's probabilities are given (no two alike), so the printing alone is checked, by hand.
+    from minimobile import predict as predict_cli
+
+    names = [f"class{k}" for k in range(8)]
+    probs = np.array([[0.06, 0.40, 0.01, 0.20, 0.02, 0.15, 0.12, 0.04]], np.float32)
+    monkeypatch.setattr(predict_cli, "load_run_config",
+                        lambda workdir: (None, {"image_shape": [32, 32, 3], "class_names": names}))
+    asked = {}
+
+    def given_probabilities(workdir, images, which):
+        asked.update(shape=images.shape, which=which)
+        return probs, names
+
+    monkeypatch.setattr(predict_cli, "predict", given_probabilities)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
+    predict_cli.main(["--workdir", "w", "--checkpoint", "best", str(tmp_path / "a.png")])
+    assert asked == {"shape": (1, 32, 32, 3), "which": "best"}
+    assert capsys.readouterr().out == (f"{tmp_path / 'a.png'}: class1 40.0 %, class3 20.0 %, class5 15.0 %, "
+                                       "class6 12.0 %, class0 6.0 %\n")

@@ -1,8 +1,11 @@
 """What a run leaves to read: the metrics log survives a kill and a resume; the figures are what they say."""
 
 import json
+import struct
 
+import matplotlib.figure
 import numpy as np
+import pytest
 
 from minimobile import report
 
@@ -42,3 +45,63 @@ def test_the_figures_are_png_files(tmp_path):
     matrix = report.plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "confusion.png")
     for path in (curves, matrix):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every figure `report` saves, kept to look at (the PNG is still written)."""
+    figures, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figures
+
+
+def test_the_confusion_figure_shows_each_true_class_as_a_row_of_rates(tmp_path, saved_figures):
+    # By hand: class a has 3 images (2 right, 1 taken for b), class b has 1 (taken for a).
+    report.plot_confusion(np.array([[2, 1], [1, 0]]), ["a", "b"], tmp_path / "c.png")
+    ax = saved_figures[0].axes[0]
+    np.testing.assert_allclose(ax.get_images()[0].get_array(), [[2 / 3, 1 / 3], [1.0, 0.0]])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+
+
+def test_the_curves_show_loss_and_accuracy_in_percent_against_the_step(tmp_path, saved_figures):
+    records = [{"step": 10, "train_loss": 4.0, "train_accuracy": 0.05},
+               {"step": 20, "eval_loss": 3.9, "eval_accuracy": 0.1, "eval_accuracy_top5": 0.3}]
+    report.plot_curves(records, tmp_path / "curves.png")
+    ax_loss, ax_acc = saved_figures[0].axes
+    points = lambda ax: {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
+    assert points(ax_loss) == {"train (augmented, running)": [[10, 4.0]], "test": [[20, 3.9]]}
+    assert points(ax_acc) == {"train (augmented, running)": [[10, 5.0]], "test": [[20, 10.0]]}
+
+
+def tensorboard_events(directory) -> list:
+    """Every Event in the event files of `directory`, read by hand: TFRecords of Event protos
+    (8 bytes length, 4 bytes its CRC, the record, 4 bytes its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.iterdir()):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            events.append(Event.FromString(data[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def test_a_resume_tells_tensorboard_to_drop_only_the_steps_after_the_checkpoint(tmp_path):
+    writer = report.MetricsWriter(tmp_path)
+    for step in (10, 20, 30):
+        writer.write({"step": step, "epoch": step / 10, "train_loss": 1.0})
+    writer.close()
+    writer = report.MetricsWriter(tmp_path, resume_step=20)  # resumed from the checkpoint at step 20
+    writer.write({"step": 30, "epoch": 3.0, "train_loss": 0.5})
+    writer.close()
+    events = tensorboard_events(tmp_path / "tensorboard")
+    # TensorBoard drops what was logged before at steps >= 21 (the first 30), and keeps step 20.
+    assert [e.step for e in events if e.HasField("session_log")] == [21]
+    assert {v.tag for e in events for v in e.summary.value} == {"train/loss"}  # step and epoch are axes
