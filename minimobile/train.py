@@ -106,11 +106,6 @@ class Workdir:
             what = ", ".join(f"{f} {getattr(saved, f)!r} there vs {getattr(config, f)!r} now" for f in different)
             raise UserError(f"--workdir {self.path} holds a run that cannot go on with these settings ({what}); "
                             "use a new --workdir, or the settings it was made with.")
-        changed = [f.name for f in dataclasses.fields(Config) if f.name not in ("epochs", "steps")
-                   and getattr(saved, f.name) != getattr(config, f.name)]
-        if changed:  # allowed (a lower learning rate for the rest of a run, say), but never silently
-            say("settings changed since the last run here: " + ", ".join(
-                f"{f} {getattr(saved, f)!r} -> {getattr(config, f)!r}" for f in changed) + " (config.json will say so)")
         return saved
 
     @contextlib.contextmanager
@@ -384,6 +379,17 @@ def check_processes_see_the_same(things: dict[str, Any]) -> None:
                         "same data (--data-dir) and one --workdir on a filesystem they all share.")
 
 
+def settings_changed(previous: Config, config: Config) -> str | None:
+    """The line that names the settings a resume changes (a lower learning rate for the rest of a run,
+    say): allowed, but never silently. None if none changed (the run's length does not count)."""
+    changed = [f.name for f in dataclasses.fields(Config) if f.name not in ("epochs", "steps")
+               and getattr(previous, f.name) != getattr(config, f.name)]
+    if not changed:
+        return None
+    return "settings changed since the last run here: " + ", ".join(
+        f"{f} {getattr(previous, f)!r} -> {getattr(config, f)!r}" for f in changed) + " (config.json now says so)"
+
+
 def check_seed_may_change(previous: Config | None, config: Config, start: int | None, steps_per_epoch: int) -> None:
     """A new --seed may take over at an epoch's end, never in the middle of one.
 
@@ -415,6 +421,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     check_processes_see_the_same({"checkpoints": checkpoints.steps()})
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
     check_seed_may_change(previous, config, start, sched.steps_per_epoch)
+    if previous and (changes := settings_changed(previous, config)):
+        say(changes)
     work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
     state = run.state
     if start:
@@ -430,7 +438,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
         f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
         + (f" (the last {dropped} of each epoch's shuffled order are skipped; the next epoch reshuffles)"
            if dropped else "")
-        + f"; {sched.total_steps:,} steps on {par.num_shards} {jax.default_backend()} device(s), {config.parallel}.")
+        + f"; {sched.total_steps:,} step{'s' * (sched.total_steps != 1)} on {par.num_shards} {jax.default_backend()} device(s), {config.parallel}.")
 
     writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
     stop = StopRequest()

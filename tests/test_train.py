@@ -366,11 +366,12 @@ def test_a_damaged_config_json_is_one_sentence_and_is_left_as_it_is(tmp_path, da
     assert (tmp_path / "config.json").read_text() == damaged
 
 
-def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path, capsys):
+def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path):
     (tmp_path / "config.json").write_text(TINY.to_json())
-    train.Workdir(tmp_path).check_same_model(TINY.replace(learning_rate=0.01, epochs=5))
-    out = capsys.readouterr().out
-    assert "settings changed since the last run here: learning_rate 0.05 -> 0.01" in out and "epochs" not in out
+    previous = train.Workdir(tmp_path).check_same_model(TINY.replace(learning_rate=0.01, epochs=5))  # accepted
+    assert train.settings_changed(previous, TINY.replace(learning_rate=0.01, epochs=5)) == (
+        "settings changed since the last run here: learning_rate 0.05 -> 0.01 (config.json now says so)")
+    assert train.settings_changed(previous, TINY.replace(epochs=5)) is None  # a longer run changes nothing
 
 
 def test_checkpoints_of_another_optimizer_state_are_refused_and_the_workdir_is_left_as_it_was(tmp_path):
