@@ -207,3 +207,56 @@ def test_the_gpu_check_without_a_gpu_says_what_to_do_and_measures_nothing(tmp_pa
     assert "JAX sees no GPU here" in str(stopped.value.code) and "--allow-cpu" in str(stopped.value.code)
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.txt").read_text().splitlines()]
     assert [r["what"] for r in rows] == ["machine", "error"]
+
+
+def test_the_figures_are_the_timed_steps_images_and_mult_adds_per_second(monkeypatch):
+    # No compilation: stand-in runners and timings fixed by hand, so every figure is worked out on paper.
+    # Batch 4; ours train [0.5, 0.25, 1.0] s/step (median 0.5, best 0.25), eval median 0.2; PyTorch train
+    # [1.0, 2.0, 0.8] (median 1.0, best 0.8), eval median 0.4; the input pipeline median 0.01 s.
+    from minimobile import costs
+
+    nothing = lambda n: None
+    monkeypatch.setattr(bench, "jax_runners", lambda config: (nothing, nothing, 1.25, 16))
+    monkeypatch.setattr(bench, "torch_runners", lambda *args, **kwargs: (nothing, nothing))
+    monkeypatch.setattr(bench, "input_pipeline_runner", lambda batch_size: nothing)
+    timings = iter([{"feature_group_count": [0.5, 0.25, 1.0], "torch": [1.0, 2.0, 0.8]},
+                    {"feature_group_count": [0.1, 0.2, 0.4], "torch": [0.4, 0.4, 0.8]},
+                    {"pipeline": [0.01, 0.02, 0.005]}])
+    monkeypatch.setattr(bench, "interleaved_timings", lambda runners, repeats, steps: next(timings))
+    result = bench.benchmark(WIDTH, 4, impls=("feature_group_count",), repeats=3, steps_per_repeat=16,
+                             compare="torch", log=lambda line: None)
+    macs = costs.totals(costs.mobilenet_v1_layers(WIDTH, 32, 100, "cifar"))["macs"]  # the paper's count
+    assert result["macs_per_image"] == macs
+    ours = result["impls"]["feature_group_count"]
+    assert (ours["images_per_sec"], ours["best_images_per_sec"], ours["eval_images_per_sec"]) == (8.0, 16.0, 20.0)
+    assert ours["train_macs_per_sec"] == round(3 * macs * 4 / 0.5)     # forward + two backward passes
+    assert ours["eval_macs_per_sec"] == round(macs * 4 / 0.2)
+    torch = result["torch"]
+    assert (torch["images_per_sec"], torch["best_images_per_sec"], torch["eval_images_per_sec"]) == (4.0, 5.0, 10.0)
+    assert (result["ratio"], result["best_ratio"], result["eval_ratio"]) == (2.0, 3.2, 2.0)
+    assert (result["images_per_sec"], result["compile_s"], result["input_pipeline_images_per_sec"]) == (8.0, 1.25, 400.0)
+    table = bench.format_table(result)
+    assert "train 2.00x (best repeats 3.20x), eval 2.00x" in table
+    assert "input pipeline (gather + standard augment + normalise): 400 img/s, 50x the train step's" in table
+
+
+def test_per_layer_rows_are_named_after_the_models_blocks():
+    # The names a --per-layer table prints: the stem, then each Flax block's depthwise and pointwise layer,
+    # block01 to block13 as model.MobileNetV1 names its modules (no compilation: the cost table only).
+    names = [name for name, *_ in bench.network_layers(WIDTH)]
+    params = jax.eval_shape(lambda: MobileNetV1(num_classes=100, width=WIDTH, stem="cifar").init(
+        jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))["params"]
+    blocks = sorted(k for k in params if k.startswith("block"))
+    assert names == ["stem"] + [f"{b} {kind}" for b in blocks for kind in ("depthwise", "pointwise")]
+    assert names[1:3] == ["block01 depthwise", "block01 pointwise"] and names[-1] == "block13 pointwise"
+
+
+def test_a_repeat_shorter_than_the_trainers_call_reports_the_calls_it_made(monkeypatch):
+    # The trainer makes calls of 16 steps; a repeat of 3 steps is one call of 3, and that is what is reported.
+    nothing = lambda n: None
+    monkeypatch.setattr(bench, "jax_runners", lambda config: (nothing, nothing, 1.0, 16))
+    monkeypatch.setattr(bench, "interleaved_timings", lambda runners, repeats, steps: {k: [0.5] for k in runners})
+    result = bench.benchmark(WIDTH, 4, impls=("feature_group_count",), repeats=1, steps_per_repeat=3,
+                             pipeline=False, log=lambda line: None)
+    assert result["steps_per_call"] == 3 and result["impls"]["feature_group_count"]["trainer_steps_per_call"] == 16
+    assert "ours 3 steps per call, as the trainer makes them (16), but --steps is 3" in bench.format_table(result)

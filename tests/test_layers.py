@@ -165,3 +165,21 @@ def test_auto_picks_a_known_implementation_and_unknown_names_fail_clearly():
     assert resolve_depthwise_impl("auto") in DEPTHWISE_IMPLS
     with pytest.raises(ValueError, match="depthwise_impl"):
         resolve_depthwise_impl("winograd")
+
+
+def test_initialising_batch_norm_in_training_mode_leaves_the_running_statistics_as_flax_does():
+    # Initialisation is not a training step: like nn.BatchNorm, the running mean and variance start at
+    # 0 and 1 whatever batch the module is initialised on (an update here would make them 0.1 * mean, ...).
+    x = 3 * jax.random.normal(jax.random.key(0), (8, 4, 4, 6)) + 1
+    ours = BatchNorm(use_running_average=False).init(jax.random.key(0), x)["batch_stats"]
+    flax_stats = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)["batch_stats"]
+    np.testing.assert_array_equal(ours["mean"], np.zeros(6))
+    np.testing.assert_array_equal(ours["var"], np.ones(6))
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_stats)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_depthwise_module_has_a_bias_only_when_asked():
+    x = jnp.ones((1, 4, 4, 3))
+    assert set(DepthwiseConv().init(jax.random.key(0), x)["params"]) == {"kernel"}
+    assert set(DepthwiseConv(use_bias=True).init(jax.random.key(0), x)["params"]) == {"kernel", "bias"}

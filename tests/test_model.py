@@ -29,7 +29,7 @@ def test_imagenet_stem_reduces_224_to_7x7_before_pooling_as_in_table_1():
     assert features_shape(model, 224) == (2, 1024)
 
 
-def test_cifar_stem_keeps_32x32_and_width_thins_every_layer():
+def test_the_width_thins_every_layer_of_table_1_at_any_resolution():
     table_1 = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]  # the stem's, each block's
     for width in (0.5, 0.25):
         model = MobileNetV1(num_classes=0, stem="cifar", width=width)
@@ -134,3 +134,33 @@ def test_batchnorm_over_8_devices_normalises_like_one_device_with_the_whole_batc
                                            out_specs=(P("batch"), P())))(variables, x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_stats, expected_stats)
+
+
+def test_the_width_multiplier_rounds_channels_down_and_keeps_at_least_one():
+    # int(channels * alpha) (section 3.3), by hand: 32 x 0.3 = 9.6 -> 9, 512 x 0.3 = 153.6 -> 153.
+    from minimobile.model import thin
+
+    assert [thin(c, 0.3) for c in (32, 64, 512, 1024)] == [9, 19, 153, 307]
+    assert thin(32, 0.01) == 1
+
+
+def test_cifar_stem_keeps_32x32_so_the_last_blocks_see_2x2():
+    # Table 1 with a stride-1 stem on 32x32: stem 32x32, the four stride-2 blocks halve it to 2x2.
+    model = MobileNetV1(num_classes=0, stem="cifar", width=0.0625)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    _, state = jax.eval_shape(functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]),
+                              variables, x)
+    sizes = {k: v["__call__"][0].shape[1:3] for k, v in state["intermediates"].items() if k != "__call__"}
+    assert sizes["stem"] == sizes["block01"] == (32, 32)
+    assert [sizes[f"block{i:02d}"] for i in (2, 4, 6, 12, 13)] == [(16, 16), (8, 8), (4, 4), (2, 2), (2, 2)]
+
+
+def test_the_presets_are_the_papers_four_widths_and_the_cifar_adaptation():
+    # Table 6: 1.0, 0.75, 0.5 and 0.25 MobileNet-224; the CIFAR preset keeps 32x32 and has 100 classes.
+    from minimobile import model as model_lib
+
+    presets = (model_lib.MobileNetV1_100, model_lib.MobileNetV1_075, model_lib.MobileNetV1_050, model_lib.MobileNetV1_025)
+    assert [(p().width, p().stem, p().num_classes) for p in presets] == [
+        (1.0, "imagenet", 1000), (0.75, "imagenet", 1000), (0.5, "imagenet", 1000), (0.25, "imagenet", 1000)]
+    assert (model_lib.MobileNetV1_CIFAR().stem, model_lib.MobileNetV1_CIFAR().num_classes) == ("cifar", 100)

@@ -316,3 +316,25 @@ def test_a_few_numpy_sgd_steps_fit_one_batch(training_batch):
         params, batch_stats, loss = train_step(params, batch_stats, b["images"], b["labels"], lr=0.1, stem="cifar")
         losses.append(loss)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_relu6_backward_is_zero_at_both_kinks_like_jax():
+    # The slope at exactly 0 and exactly 6 is a choice; the docstring promises jax.nn.relu6's: 0 at both.
+    from minimobile.numpy_nn import relu6_backward, relu6_forward
+
+    x = np.array([-1.0, 0.0, 3.0, 6.0, 7.0])
+    y, cache = relu6_forward(x)
+    np.testing.assert_array_equal(y, [0, 0, 3, 6, 6])
+    np.testing.assert_array_equal(relu6_backward(np.ones(5), cache), [0, 0, 1, 0, 0])  # by hand
+    np.testing.assert_array_equal(relu6_backward(np.ones(5), cache), jax.vmap(jax.grad(jax.nn.relu6))(x))
+
+
+def test_cross_entropy_is_exact_for_huge_logits():
+    # By hand: logits (1000, 0, -1000): log-softmax is (0, -1000, -2000) to float64 precision, so the loss
+    # of label 0 is 0 and of label 1 is 1000; and the gradient is softmax - onehot = (1, 0, 0) - onehot.
+    from minimobile.numpy_nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+
+    logits = np.array([[1000.0, 0.0, -1000.0]] * 2)
+    loss, cache = softmax_cross_entropy_forward(logits, np.array([0, 1]))
+    assert loss == pytest.approx(500.0)                                     # mean of 0 and 1000
+    np.testing.assert_allclose(softmax_cross_entropy_backward(1.0, cache), [[0, 0, 0], [0.5, -0.5, 0]], atol=1e-12)

@@ -561,3 +561,10 @@ def test_the_recipes_are_the_settings_readme_gives_them():
     assert (seed.label_smoothing, seed.weight_decay, seed.augment) == (0.0, 0.0, "seed")
     assert (seed.batch_size, seed.epochs, seed.model) == (4096, 50, "mobilenet_v1")
 
+
+@pytest.mark.parametrize("name", ["default", "seed", "seed-tf", "seed-tf-ours"])
+def test_a_saved_config_reads_back_as_the_same_config(name):
+    # config.json is how a resumed or evaluated run learns its settings: JSON has no tuples, so a list
+    # read back must become the tuple again, or eval_at_steps would always look changed on a resume.
+    config = recipe(name)
+    assert Config.from_json(config.to_json()) == config
