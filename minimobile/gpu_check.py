@@ -8,22 +8,24 @@ important first, since a lent GPU's minutes are few:
   1. the default depthwise implementation ('feature_group_count', what 'auto' picks on GPU) in
      float32 and bfloat16 at batch 1024, MobileNet-V1 x1.0 on 32x32 CIFAR images, interleaved with
      PyTorch's CUDA build on the same network (channels_last; float32, and bf16 under autocast),
-     skipped and said so when torch or its CUDA is missing; then the same in bfloat16 at the default
-     recipe's batch (256), and what that makes the recipe's 200 epochs of CIFAR-100 take;
+     skipped and said so when torch or its CUDA is missing;
   2. what determinism costs: the default ('auto') train step in bfloat16 at batch 1024, as it is,
      with XLA_FLAGS=--xla_gpu_deterministic_ops=true (deterministic kernels, and no autotuning:
      XLA then takes its default kernel for each operation), and with
      --xla_gpu_exclude_nondeterministic_ops=true (deterministic kernels, still autotuned), each in a
      fresh process, since XLA reads its flags when it starts; and the ratios;
-  3. every other depthwise implementation (except 'split', which compiles one conv per channel) in
-     both dtypes at the same batch;
-  4. the fastest implementation in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
+  3. the default in bfloat16 at the default recipe's batch (256), beside PyTorch, and what that makes
+     the recipe's 200 epochs of CIFAR-100 take;
+  4. every other depthwise implementation (except 'split', which compiles one conv per channel) in
+     both dtypes at the batch of step 1;
+  5. the fastest implementation in bfloat16 at batch 256 and 4096, to see where the GPU fills up.
 
 Each line of the output file is one measurement as JSON (a skipped one too), then a readable table
 at the end; the table is also rewritten after every measurement beside it (`--out` with `.md`), so a
-run cut short still leaves both. Budget: `--budget-s` (default 360) of measuring; what does not fit
-is skipped and listed; a measurement begun in time may run on, the fresh processes of step 2 at
-most OVERRUN_S past it. Compiles dominate (tens of seconds each).
+run cut short still leaves both. Budget: `--budget-s` of measuring, by default what keeps the whole
+check under 5 minutes, most important first; what does not fit is skipped and listed, and a larger
+`--budget-s` measures more of it. A measurement begun in time may run on, the fresh processes of
+step 2 at most OVERRUN_S past it. Compiles dominate (tens of seconds each).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ SWEEP_BATCH_SIZES = (256, 1024, 4096)  # CIFAR images are small: 4096 is ~20 GB 
 RECIPE = Config()  # the default recipe: batch 256, 200 epochs
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000  # images in CIFAR-100's splits
 CHILD_TIMEOUT_S = 150  # step 2's fresh processes: start, compile and time one configuration
-OVERRUN_S = 120        # how far past --budget-s step 2's processes may run (a command has a limit)
+OVERRUN_S = 60         # how far past --budget-s step 2's processes may run (a command has a limit)
+BUDGET_S = 210.0       # the default --budget-s: with OVERRUN_S and start-up, the whole check in 5 minutes
 DETERMINISM_FLAGS = ("", "--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
 
 
@@ -97,8 +100,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=16, help="steps per timed repeat")
-    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 4")
-    p.add_argument("--budget-s", type=float, default=360.0, help="stop starting new measurements after this")
+    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 5")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help="stop starting new measurements after this many seconds (default: %(default)s, so that "
+                        "the whole check takes under 5 minutes; more measures more rows)")
     p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -176,13 +181,6 @@ def main(argv=None) -> None:
         default = resolve_depthwise_impl("auto")  # feature_group_count on a GPU
         for dtype in DTYPES:
             measure(default, dtype, args.batch_size, compare)
-        # ... and as the default recipe trains (its batch, bfloat16): how long its 200 epochs take.
-        recipe_row = measure(default, "bfloat16", RECIPE.batch_size, compare)
-        if recipe_row is not None:
-            epoch_s = CIFAR_TRAIN / recipe_row["images_per_sec"] + CIFAR_TEST / recipe_row["eval_images_per_sec"]
-            write({"what": "recipe_estimate", "width": args.width, "batch_size": RECIPE.batch_size,
-                   "epochs": RECIPE.epochs, "epoch_s": round(epoch_s, 2),
-                   "total_min": round(RECIPE.epochs * epoch_s / 60, 1)})
         # 2. The cost of deterministic GPU kernels (README, Reliability): the same step without the flags,
         # then with each, every flagged run against the plain one (so without it they are skipped).
         plain, *determinism = DETERMINISM_FLAGS
@@ -201,11 +199,18 @@ def main(argv=None) -> None:
                     write({"what": "deterministic_ops", "flag": flag, "batch_size": args.batch_size,
                            "dtype": "bfloat16", "images_per_sec": timed[plain],
                            "deterministic_images_per_sec": timed[flag], "ratio": round(timed[flag] / timed[plain], 3)})
-        # 3. The other implementations, both dtypes.
+        # 3. As the default recipe trains (its batch, bfloat16): how long its 200 epochs take.
+        recipe_row = measure(default, "bfloat16", RECIPE.batch_size, compare)
+        if recipe_row is not None:
+            epoch_s = CIFAR_TRAIN / recipe_row["images_per_sec"] + CIFAR_TEST / recipe_row["eval_images_per_sec"]
+            write({"what": "recipe_estimate", "width": args.width, "batch_size": RECIPE.batch_size,
+                   "epochs": RECIPE.epochs, "epoch_s": round(epoch_s, 2),
+                   "total_min": round(RECIPE.epochs * epoch_s / 60, 1)})
+        # 4. The other implementations, both dtypes.
         for dtype in DTYPES:
             for impl in (i for i in IMPLS if i != default):
                 measure(impl, dtype, args.batch_size)
-        # 4. The fastest implementation in bf16 (at the table's batch size) across batch sizes.
+        # 5. The fastest implementation in bf16 (at the table's batch size) across batch sizes.
         timed = [r for r in rows if r.get("what") == "train_step" and r["dtype"] == "bfloat16"
                  and r["batch_size"] == args.batch_size]
         best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
