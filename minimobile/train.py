@@ -60,7 +60,8 @@ def validate(config: Config) -> None:
     if config.steps < 0:
         raise UserError(f"--steps must be positive (or 0 to count in epochs), got {config.steps}.")
     if config.keep_checkpoints < 1:
-        raise UserError(f"--keep-checkpoints must be at least 1 (the one to resume from), got {config.keep_checkpoints}.")
+        raise UserError(f"--keep-checkpoints must be at least 1 (the one to resume from), "
+                        f"got {config.keep_checkpoints}.")
     if config.steps_per_call < 0:
         raise UserError(f"--steps-per-call must be positive (or 0 for auto), got {config.steps_per_call}.")
     if config.augment not in augment_lib.AUGMENTATIONS:
@@ -438,7 +439,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
         f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
         + (f" (the last {dropped} of each epoch's shuffled order are skipped; the next epoch reshuffles)"
            if dropped else "")
-        + f"; {sched.total_steps:,} step{'s' * (sched.total_steps != 1)} on {par.num_shards} {jax.default_backend()} device(s), {config.parallel}.")
+        + f"; {sched.total_steps:,} step{'s' * (sched.total_steps != 1)} on {par.num_shards} "
+          f"{jax.default_backend()} device(s), {config.parallel}.")
 
     writer = report.MetricsWriter(work.path, resume_step=start, enabled=jax.process_index() == 0)
     stop = StopRequest()

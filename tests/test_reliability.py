@@ -170,7 +170,8 @@ def run_main(argv, capsys):
     (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
     # Every process checks the coordinator's form, not only process 0, which serves it:
-    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"], "error: --coordinator must be HOST:PORT"),
+    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"],
+     "error: --coordinator must be HOST:PORT"),
 ])
 def test_bad_input_ends_in_one_sentence_and_a_nonzero_exit(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setattr(data_lib, "_reachable", lambda url: False)
