@@ -290,6 +290,16 @@ def test_an_interrupted_run_resumes_to_the_same_result_as_an_uninterrupted_one(t
     assert kept[-1] == 12 and len(kept) <= 2  # the newest, and the best if that is another
 
 
+def test_a_new_seed_may_take_over_at_an_epochs_end_or_on_a_fresh_run_but_not_mid_epoch():
+    seed_0, seed_1 = TINY, TINY.replace(seed=1)
+    train.check_seed_may_change(seed_0, seed_1, 8, 4)      # step 8 of 4-step epochs: the end of epoch 2
+    train.check_seed_may_change(seed_0, seed_1, None, 4)   # nothing to resume
+    train.check_seed_may_change(None, seed_1, None, 4)     # a new workdir
+    train.check_seed_may_change(seed_0, seed_0, 6, 4)      # the same seed, mid-epoch
+    with pytest.raises(UserError, match=r"middle of epoch 2 \(step 6\)"):
+        train.check_seed_may_change(seed_0, seed_1, 6, 4)
+
+
 def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log(tmp_path, monkeypatch, capsys):
     # Calls of 2 steps, a log, evaluation and checkpoint every 4: a signal during steps 1-2 stops at step 2
     # (one process waits for no one; several stop together where the host waits anyway, see README).
