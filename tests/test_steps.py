@@ -79,9 +79,10 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
     config = TINY.replace(augment="none", schedule="constant", label_smoothing=0.1, weight_decay=5e-4,
                           momentum=0.9, learning_rate=0.05)
     # A mean and std that make (x - mean) / std exact in float32, however it is computed: the step and
-    # the formula must see the very same input bits. At this untrained point the loss's gradient jumps:
-    # moving image 2 (a bowl, 31 of its pixels pure white) by one ulp changes block01's BatchNorm bias
-    # gradient by 15 %, in float64 too, and NumPy's (x - m) / s and XLA's fused one differ by an ulp on JAX 0.12.
+    # the formula must see the very same input bits. An untrained network's loss gradient can jump: with
+    # the sample's own mean and std, moving image 2 (a bowl, 31 of its pixels pure white) by one ulp changed
+    # block01's BatchNorm bias gradient by 15 %, in float64 too, and NumPy's (x - m) / s and XLA's fused
+    # one differ by an ulp on JAX 0.12.
     ds = dataclasses.replace(sample_dataset(), mean=(128.0,) * 3, std=(64.0,) * 3)
     run = train.build_run(config, ds, parallel.setup("jit"))
     before = jax.device_get(run.state)
