@@ -394,7 +394,7 @@ def benchmark(width: float = 1.0, batch_size: int = 128, dtype: str = "float32",
         result["ratio"] = round(first["images_per_sec"] / result["torch"]["images_per_sec"], 3)
         result["best_ratio"] = round(first["best_images_per_sec"] / result["torch"]["best_images_per_sec"], 3)
         result["eval_ratio"] = round(first["eval_images_per_sec"] / result["torch"]["eval_images_per_sec"], 3)
-        result["torch_version"] = __import__("torch").__version__
+        result["torch_version"] = import_torch().__version__  # loaded already, by torch_runners
     result["load_average_end"] = round(os.getloadavg()[0], 2)
     return result
 
