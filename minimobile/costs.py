@@ -30,7 +30,7 @@ class Layer:
 
     kind: str                       # "conv", "dw", "pw", "pool", "fc"
     stride: int
-    filter_shape: tuple[int, ...]   # conv [K, K, M, N]; dw [K, K, M]; fc [M, N]
+    filter_shape: tuple[int, ...]   # conv [K, K, M, N]; dw [K, K, M] (m > 1: [K, K, 1, M*m]); fc [M, N]
     input_shape: tuple[int, int, int]   # [H, W, C] of this layer's input
     output_shape: tuple[int, int, int]
     params: int                     # weights (and the classifier's bias)

@@ -6,8 +6,10 @@ A standard 3x3 convolution mixes space and channels in one step: each of its `C_
   depthwise  3x3, one filter per input channel    kernel [3, 3, 1, C * depth_multiplier]
   pointwise  1x1, a matrix multiply over channels kernel [1, 1, C_in, C_out]
 
-each followed by BatchNorm and ReLU6. The depthwise step is *one* operation with several equally
-correct implementations; we keep five, because comparing them is the quickest way to understand it:
+each followed by BatchNorm and ReLU6 (the paper writes ReLU; Google's released TensorFlow MobileNet,
+`mobilenet_v1_arg_scope` in TF-slim, uses ReLU6 = min(max(x, 0), 6), and so do we). The depthwise
+step is *one* operation with several equally correct implementations; we keep five, because
+comparing them is the quickest way to understand it:
 
   depthwise_conv_loops   NumPy loops, the definition itself (the test oracle; slow)
   depthwise_conv_split   one 1-channel convolution per input channel, concatenated (naive TF code)
@@ -574,9 +576,9 @@ class ConvBN(nn.Module):
 
 
 class SeparableBlock(nn.Module):
-    """Depthwise 3x3 (+BN+ReLU6) then pointwise 1x1 (+BN+ReLU6): the paper's Figure 3, right.
+    """Depthwise 3x3 (+BN+ReLU6) then pointwise 1x1 (+BN+ReLU6): the paper's Figure 3, right (with ReLU6).
 
-    x: [B, H, W, C_in] -> [B, H/stride, W/stride, features]
+    x: [B, H, W, C_in] -> [B, ceil(H/stride), ceil(W/stride), features]
     """
 
     features: int

@@ -86,8 +86,9 @@ def decay_mask(params) -> Any:
     """Weight decay on conv and dense kernels only.
 
     Not on BatchNorm's scale/shift or biases (decaying them only fights the normalisation), and not
-    on depthwise kernels: "it is important to put very little or no weight decay on the depthwise
-    filters since there are so few parameters in them" (the MobileNet paper, section 4).
+    on depthwise kernels: "we found that it was important to put very little or no weight decay (l2
+    regularization) on the depthwise filters since their [sic] are so few parameters in them" (the
+    MobileNet paper, section 3.2).
     """
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(

@@ -149,7 +149,7 @@ print("parameters: standard", w.size, " separable", d.size + p.size)
 # %% [markdown]
 # So MobileNet bets that the restricted family is good enough, and spends the savings on more
 # layers and channels. The paper's ImageNet result (70.6 % against 71.7 % for the same network with
-# full convolutions, at an eighth of the cost) says the bet pays.
+# full convolutions, at less than an eighth of the mult-adds) says the bet pays.
 #
 # ## The saving, as a formula
 #

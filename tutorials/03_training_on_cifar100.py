@@ -401,10 +401,11 @@ print("two steps in one call == two calls of one step:",
 # the identical step. [Tutorial 4](04_one_step_many_devices.py) runs this step three ways and checks
 # that they agree.
 #
-# **Half the bits on a GPU.** With `dtype="auto"` a GPU computes in bfloat16 (8 bits of mantissa,
-# 2 to 3 significant digits) while the parameters, BatchNorm's statistics and the loss stay in
-# float32. How far does that move the network's output? The same parameters, the same 32 images,
-# both ways, in eval mode (BatchNorm uses its running statistics) and in train mode (the batch's):
+# **Half the bits on a GPU.** With `dtype="auto"` a GPU computes in bfloat16 (7 stored mantissa bits,
+# 8 bits of precision: 2 to 3 significant digits) while the parameters, BatchNorm's statistics and the
+# loss stay in float32. How far does that move the network's output? The same parameters, the same 32
+# images, both ways, in eval mode (BatchNorm uses its running statistics) and in train mode (the
+# batch's):
 
 # %%
 images = augment.normalize(jnp.asarray(ds.train.images[:32], jnp.float32), ds.mean, ds.std)  # [32, 32, 32, 3]
@@ -422,14 +423,15 @@ for mode in ("eval", "train"):
           f"for {100 * agree:.0f} % of the images")
 
 # %% [markdown]
-# In eval mode the difference is about a percent: bfloat16's rounding, gathered over 28 layers. In
-# train mode it is tens of percent, and that is not a bug: BatchNorm divides each channel by its spread
-# over the batch, and a channel that barely varies (ReLU6 off, or saturated at 6, for most images)
-# has a tiny spread, which magnifies the rounding of everything before it. PyTorch's mixed precision
-# (`torch.autocast`) shows the same error on the same weights: `tests/test_bench.py` checks that ours
-# is at most 1.1 times as large (it fails if BatchNorm's statistics are computed in bfloat16 instead). Training
-# treats it as one more source of noise among the batch's; what mixed precision must not do is
-# round the parameters or their updates, which is why those stay in float32.
+# In eval mode the difference is about a percent: bfloat16's rounding, gathered over the 27
+# convolutional layers (the classifier computes in float32). In train mode it is tens of percent, and
+# that is not a bug: BatchNorm divides each channel by its spread over the batch, and a channel that
+# barely varies (ReLU6 off, or saturated at 6, for most images) has a tiny spread, which magnifies the
+# rounding of everything before it. PyTorch's mixed precision (`torch.autocast`) shows the same error
+# on the same weights: `tests/test_bench.py` checks that ours is at most 1.1 times as large (it fails
+# if BatchNorm's statistics are computed in bfloat16 instead). Training treats it as one more source
+# of noise among the batch's; what mixed precision must not do is round the parameters or their
+# updates, which is why those stay in float32.
 #
 # ## 5. A run: `train_and_evaluate`
 #
