@@ -30,7 +30,8 @@ class Layer:
 
     kind: str                       # "conv", "dw", "pw", "pool", "fc"
     stride: int
-    filter_shape: tuple[int, ...]   # conv [K, K, M, N]; dw [K, K, M] (m > 1: [K, K, 1, M*m]); fc [M, N]
+    # conv [K, K, M, N]; dw [K, K, M] ([K, K, 1, M*m] with a depth multiplier m > 1); fc [M, N]
+    filter_shape: tuple[int, ...]
     input_shape: tuple[int, int, int]   # [H, W, C] of this layer's input
     output_shape: tuple[int, int, int]
     params: int                     # weights (and the classifier's bias)
