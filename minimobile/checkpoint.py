@@ -294,9 +294,15 @@ class Checkpoints:
         return self.manager.best_step()
 
     def restore(self, step: int, state):
+        """The state at checkpoint `step`, asked for by name; one sentence if it is unreadable (left where it is)."""
         _quiet_failed_reads()
         self._check_holds_arrays_of(step, state)
-        tree = self.manager.restore(step, args=_restore_args(state))
+        try:
+            tree = self.manager.restore(step, args=_restore_args(state))
+        except Exception as e:  # noqa: BLE001 - any failure to read: damaged, or half-copied from elsewhere
+            others = ", ".join(str(s) for s in self.steps() if s != step) or "none"
+            raise UserError(f"checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}); choose "
+                            f"another (other steps: {others}), or 'latest', the newest readable one.") from None
         return state.replace(**tree)
 
     def close(self) -> None:

@@ -105,6 +105,28 @@ def test_a_damaged_checkpoint_is_moved_aside_in_one_line_beside_one_moved_before
     assert err.startswith("warning: checkpoint 2 is unreadable") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_asked_for_by_name_is_one_sentence_and_stays_where_it_is(tmp_path, capfd):
+    # `evaluate --checkpoint 2` (or `best`, when 2 is the best) asks for that one: falling back to
+    # another would answer a different question, so it says so and names the others.
+    from minimobile.evaluate import restore
+
+    save_all(tmp_path, {1: 0.5, 2: 0.6})
+    for f in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * 7)
+    checkpoints = Checkpoints(tmp_path)
+    for which in ("2", "best"):
+        with pytest.raises(UserError, match=r"^checkpoint 2 in .* is unreadable \(\w+\); choose another "
+                                            r"\(other steps: 1\), or 'latest', the newest readable one\.$"):
+            restore(checkpoints, make_state(0, 0.0), which)
+    assert checkpoints.steps() == [1, 2] and not (tmp_path / "checkpoints-unreadable").exists()
+    assert capfd.readouterr().err == ""
+    _, step = restore(checkpoints, make_state(0, 0.0), "latest")  # and 'latest' falls back past it
+    checkpoints.close()
+    assert step == 1
+
+
 def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choices(tmp_path):
     from minimobile.evaluate import load_run_config, restore
 
