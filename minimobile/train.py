@@ -424,13 +424,16 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     check_seed_may_change(previous, config, start, sched.steps_per_epoch)
     if previous and (changes := settings_changed(previous, config)):
         say(changes)
-    work.save_config(config, ds)  # only now: a run refused by its checkpoints leaves the settings they need
+    # Only now: a run refused by its checkpoints leaves the settings they need. And not by a run with
+    # nothing left to train (a smaller --epochs): config.json stays the record of what trained them.
+    if previous is None or (start or 0) < sched.total_steps:
+        work.save_config(config, ds)
     state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
         # Longer than the run was started for (a larger --epochs), not merely stopped at an epoch's end.
         planned = make_schedule(previous, len(ds.train.labels)).total_steps if previous else sched.total_steps
-        longer = " (train longer)" if sched.total_steps > planned else ""
+        longer = " (train longer)" if sched.total_steps > max(planned, start) else ""
         say(f"resumed from epoch {start // sched.steps_per_epoch} (step {start:,}) in {work.path}{longer}")
     start = start or 0
 

@@ -343,6 +343,14 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     assert "already trained for 12 steps; pass a larger --epochs to train longer." in capsys.readouterr().out
     assert again["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records
+    # A smaller --epochs trains nothing either, and leaves config.json the record of what trained step 12;
+    # so the first command again is not "train longer".
+    saved = (tmp_path / "config.json").read_text()
+    train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)
+    assert "already trained for 12 steps" in capsys.readouterr().out
+    assert (tmp_path / "config.json").read_text() == saved
+    train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
+    assert "(train longer)" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
