@@ -95,6 +95,8 @@ def _builder(name: str, data_dir: str | None, label_key: str, download: bool):
 
     if name not in DATASETS:
         raise UserError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    # TFDS takes "~" literally, and no shell expands the one in `--data-dir=~/...`.
+    data_dir = None if data_dir is None else str(pathlib.Path(data_dir).expanduser())
     _check_is_tfds_dir(data_dir, name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)

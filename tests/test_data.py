@@ -81,6 +81,13 @@ def test_cifar100_coarse_labels(cifar100_dir):
     assert ds.num_classes == 20 and ds.class_names[0] == "coarse_label_000"
 
 
+def test_a_data_dir_starting_with_a_tilde_is_in_the_home_folder(cifar100_dir, monkeypatch):
+    # `--data-dir=~/data`: no shell expands a "~" after "=", and TFDS would take it as a folder named "~".
+    monkeypatch.setenv("HOME", str(pathlib.Path(cifar100_dir).parent))
+    ds = data.load_dataset("cifar100", "~/" + pathlib.Path(cifar100_dir).name)
+    assert len(ds.train.labels) == N_TRAIN and len(ds.test.labels) == N_TEST
+
+
 def test_cifar10_with_its_five_training_files(tmp_path):
     data_dir = cifar_files.make_prepared_cifar_dir(tmp_path, "cifar10", n_train=23, n_test=7, seed=5)
     ds = data.load_dataset("cifar10", data_dir, download=False)
