@@ -211,9 +211,15 @@ class Schedule:
         return max(1, min(most, min(events) - step))
 
 
+MAX_STEPS = 2 ** 31 - 1  # the step counter, and the step each batch's randomness is drawn from, are int32s
+
+
 def make_schedule(config: Config, num_train: int) -> Schedule:
     spe = data_lib.steps_per_epoch(num_train, config.batch_size)
     total = config.steps or config.epochs * spe
+    if total > MAX_STEPS:
+        asked = f"--steps {config.steps:,}" if config.steps else f"--epochs {config.epochs:,} ({total:,} steps)"
+        raise UserError(f"{asked} is longer than a run can be: at most {MAX_STEPS:,} steps; ask for fewer.")
     return Schedule(spe, total, eval_every=config.eval_every_steps or spe, eval_at=tuple(config.eval_at_steps),
                     checkpoint_every=config.checkpoint_every_steps or spe,
                     log_every=max(1, min(config.log_every_steps, spe)))

@@ -356,6 +356,9 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
 @pytest.mark.parametrize("change, message", [
     (dict(width=0.0), "--width must be positive"),
     (dict(epochs=0), "--epochs must be positive"),
+    (dict(epochs=10 ** 9), r"--epochs 1,000,000,000 \(4,000,000,000 steps\) is longer than a run can be: at most "
+                           r"2,147,483,647 steps"),  # the step counter is an int32
+    (dict(steps=2 ** 31), r"--steps 2,147,483,648 is longer than a run can be"),
     (dict(batch_size=12, parallel="mesh"), "does not split evenly across 8 devices"),
 ])
 def test_impossible_settings_end_in_one_sentence(tmp_path, change, message):
