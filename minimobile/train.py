@@ -720,8 +720,11 @@ def main(argv=None) -> None:
     if any(v is not None for v in hosts) and not (None not in hosts and 0 <= args.process_id < args.num_processes):
         raise UserError("a run of several processes needs all of --coordinator HOST:PORT, --num-processes N and "
                         "--process-id I (0 <= I < N), the same coordinator and N on every host.")
+    if args.peer_timeout < 1:  # JAX would take a negative one as "every peer is dead at once"
+        raise UserError(f"--peer-timeout must be at least 1 second, got {args.peer_timeout}.")
     if args.coordinator and not watchdog.is_child():  # see watchdog.py: a dead peer becomes one sentence
         check_coordinator_port(args.coordinator, serves=args.process_id == 0)
+        Workdir(args.workdir)  # the watchdog logs into it: a workdir it cannot write to is one sentence, first
         sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
                                       args.process_id, args.peer_timeout))
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.peer_timeout)

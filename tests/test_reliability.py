@@ -164,6 +164,7 @@ def run_main(argv, capsys):
     (["--steps", "-1"], "error: --steps must be positive (or 0 to count in epochs)"),
     (["--steps-per-call", "-1"], "error: --steps-per-call must be positive (or 0 for auto)"),
     (["--keep-checkpoints", "0"], "error: --keep-checkpoints must be at least 1"),
+    (["--peer-timeout", "-5"], "error: --peer-timeout must be at least 1 second, got -5."),
     (["--epochs", "3", "--steps", "30"], "error: give --epochs or --steps, not both"),
     (["--recipe", "seed-tf", "--width", "0.25"], "error: --width shapes MobileNet only, and the seed-tf recipes"),
     (["--recipe", "seed-tf-ours", "--dropout", "0.5"], "error: --dropout shapes MobileNet only"),
@@ -185,6 +186,10 @@ def test_an_unwritable_workdir_is_named(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code, err = run_main(["--workdir", str(blocker / "run")], capsys)
+    assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
+    # Also as one process of several, whose watchdog would log into it before the training could check it.
+    multi_host = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"]
+    code, err = run_main(["--workdir", str(blocker / "run"), *multi_host], capsys)
     assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
 
 
