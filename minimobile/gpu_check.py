@@ -30,10 +30,12 @@ step 2 at most OVERRUN_S past it. Compiles dominate (tens of seconds each).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import pathlib
 import platform
@@ -48,7 +50,7 @@ import jax  # noqa: E402
 
 from minimobile import bench  # noqa: E402
 from minimobile.config import Config  # noqa: E402
-from minimobile.errors import ArgumentParser  # noqa: E402
+from minimobile.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
 from minimobile.layers import DEPTHWISE_IMPLS, resolve_depthwise_impl  # noqa: E402
 
 IMPLS = tuple(i for i in DEPTHWISE_IMPLS if i != "split")
@@ -93,15 +95,35 @@ def train_in_fresh_process(args, xla_flag: str, timeout_s: float) -> float | str
         return (out.stderr or out.stdout)[-500:]
 
 
+def positive(kind: type):
+    """An argparse type: a positive, finite `kind`; anything else is argparse's one-line refusal."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'a whole' if kind is int else 'a'} number: {text!r}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+        return value
+    return parse
+
+
+def batch_sizes(text: str) -> list[int]:
+    """--sweep: "256,1024,4096". Checked before anything is measured: a lent GPU's minutes are few."""
+    return [positive(int)(b) for b in text.split(",")]
+
+
+@exit_on_user_error
 def main(argv=None) -> None:
     p = ArgumentParser(prog="python3 -m minimobile.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu_check.txt", help="results file (JSON lines, then a table)")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=1024, help="batch for the per-implementation table")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=16, help="steps per timed repeat")
-    p.add_argument("--sweep", default=",".join(map(str, SWEEP_BATCH_SIZES)), help="batch sizes for step 5")
-    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+    p.add_argument("--width", type=positive(float), default=1.0)
+    p.add_argument("--batch-size", type=positive(int), default=1024, help="batch for the per-implementation table")
+    p.add_argument("--repeats", type=positive(int), default=5)
+    p.add_argument("--steps", type=positive(int), default=16, help="steps per timed repeat")
+    p.add_argument("--sweep", type=batch_sizes, default=",".join(map(str, SWEEP_BATCH_SIZES)),
+                   help="batch sizes for step 5, comma-separated (default: %(default)s)")
+    p.add_argument("--budget-s", type=positive(float), default=BUDGET_S,
                    help="stop starting new measurements after this many seconds (default: %(default)s, so that "
                         "the whole check takes under 5 minutes; more measures more rows)")
     p.add_argument("--allow-cpu", action="store_true", help="a dry run of this script without a GPU (use tiny sizes)")
@@ -111,7 +133,11 @@ def main(argv=None) -> None:
     skipped: list[str] = []
 
     table_path = pathlib.Path(args.out).with_suffix(".md")
-    with open(args.out, "w") as f:
+    try:
+        f = open(args.out, "w")
+    except OSError as e:
+        raise UserError(f"cannot write the results to {args.out} ({e.strerror or e}); choose another --out.") from None
+    with f:
         def write(row: dict) -> None:
             rows.append(row)
             f.write(json.dumps(row) + "\n")
@@ -215,7 +241,7 @@ def main(argv=None) -> None:
                  and r["batch_size"] == args.batch_size]
         best = max(timed, key=lambda r: r["images_per_sec"])["impl"] if timed else "auto"
         done = {(r["impl"], r["dtype"], r["batch_size"]) for r in rows if r.get("what") == "train_step"}
-        for batch_size in (int(b) for b in args.sweep.split(",")):
+        for batch_size in args.sweep:
             if (best, "bfloat16", batch_size) not in done:
                 measure(best, "bfloat16", batch_size)
         if skipped:

@@ -211,6 +211,25 @@ def test_the_gpu_check_without_a_gpu_says_what_to_do_and_measures_nothing(tmp_pa
     assert [r["what"] for r in rows] == ["machine", "error"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep", "256,abc"], "argument --sweep: not a whole number: 'abc'"),
+    (["--width", "0"], "argument --width: must be positive and finite, got '0'"),
+    (["--budget-s", "nan"], "argument --budget-s: must be positive and finite, got 'nan'"),
+    (["--out", "OUT/no-such-folder/gpu_check.txt"], "cannot write the results to OUT/no-such-folder/gpu_check.txt "
+                                                    "(No such file or directory); choose another --out."),
+])
+def test_the_gpu_check_refuses_bad_flags_in_one_sentence_before_measuring_anything(tmp_path, capsys, flags, message):
+    # On a lent GPU a typo found at step 5 would have spent the minutes of steps 1 to 4.
+    from minimobile import gpu_check
+
+    flags = [f.replace("OUT", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--allow-cpu", "--out", str(tmp_path / "gpu_check.txt"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and err.startswith("error: " + message.replace("OUT", str(tmp_path))), err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_the_figures_are_the_timed_steps_images_and_mult_adds_per_second(monkeypatch):
     # No compilation: stand-in runners and timings fixed by hand, so every figure is worked out on paper.
     # Batch 4; ours train [0.5, 0.25, 1.0] s/step (median 0.5, best 0.25), eval median 0.2; PyTorch train
