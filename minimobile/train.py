@@ -67,10 +67,17 @@ def validate(config: Config) -> None:
     if config.augment not in augment_lib.AUGMENTATIONS:
         raise UserError(f"--augment must be one of {', '.join(augment_lib.AUGMENTATIONS)}, got {config.augment!r}.")
     if config.model == "seed_cnn":  # the report's network is fixed: a MobileNet knob would be ignored silently
-        for flag, field in (("--width", "width"), ("--block", "block"), ("--dropout", "dropout_rate")):
-            if getattr(config, field) != getattr(Config(), field):
-                raise UserError(f"{flag} shapes MobileNet only, and the seed-tf recipes train the report's fixed "
-                                f"network (minimobile/seed_cnn.py); drop {flag}.")
+        for flag in MOBILENET_ONLY:
+            if getattr(config, FLAGS[flag]) != getattr(Config(), FLAGS[flag]):
+                refuse_mobilenet_flag(flag)
+
+
+MOBILENET_ONLY = ("--width", "--block", "--dropout")
+
+
+def refuse_mobilenet_flag(flag: str):
+    raise UserError(f"{flag} shapes MobileNet only, and the seed-tf recipes train the report's fixed "
+                    f"network (minimobile/seed_cnn.py); drop {flag}.")
 
 
 class Workdir:
@@ -80,6 +87,8 @@ class Workdir:
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path).expanduser()
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--workdir {self.path} is a file, not a directory; choose a directory.")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".writable-{os.getpid()}"  # per process: hosts may share the workdir
@@ -445,7 +454,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
 
     dropped = data_lib.dropped_per_epoch(len(ds.train.labels), config.batch_size)
     say(f"{ds.name}: {len(ds.train.labels):,} train / {len(ds.test.labels):,} test images, {ds.num_classes} classes; "
-        f"{sched.steps_per_epoch} steps of {config.batch_size} per epoch"
+        f"{sched.steps_per_epoch} step{'s' * (sched.steps_per_epoch != 1)} of {config.batch_size} per epoch"
         + (f" (the last {dropped} of each epoch's shuffled order are skipped; the next epoch reshuffles)"
            if dropped else "")
         + f"; {sched.total_steps:,} step{'s' * (sched.total_steps != 1)} on {par.num_shards} "
@@ -684,6 +693,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         raise UserError("give --epochs or --steps, not both: a run counts in one of them.")
     if args.epochs is not None and args.steps is None:
         config = config.replace(steps=0)  # a recipe counted in steps (seed-tf) now counts the epochs asked for
+    if config.model == "seed_cnn":  # even at MobileNet's default (`--width 1.0`), which `validate` cannot tell
+        for flag in MOBILENET_ONLY:
+            if getattr(args, flag[2:]) is not None:
+                refuse_mobilenet_flag(flag)
     return config, args
 
 

@@ -167,6 +167,7 @@ def run_main(argv, capsys):
     (["--peer-timeout", "-5"], "error: --peer-timeout must be at least 1 second, got -5."),
     (["--epochs", "3", "--steps", "30"], "error: give --epochs or --steps, not both"),
     (["--recipe", "seed-tf", "--width", "0.25"], "error: --width shapes MobileNet only, and the seed-tf recipes"),
+    (["--recipe", "seed-tf", "--width", "1.0"], "error: --width shapes MobileNet only"),  # MobileNet's default, too
     (["--recipe", "seed-tf-ours", "--dropout", "0.5"], "error: --dropout shapes MobileNet only"),
     (["--coordinator", "127.0.0.1:1"], "error: a run of several processes needs all of --coordinator"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "error: a run of several"),
@@ -191,6 +192,8 @@ def test_an_unwritable_workdir_is_named(tmp_path, capsys):
     multi_host = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"]
     code, err = run_main(["--workdir", str(blocker / "run"), *multi_host], capsys)
     assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
+    code, err = run_main(["--workdir", str(blocker)], capsys)  # not "(File exists)", mkdir's reason
+    assert code != 0 and err == f"error: --workdir {blocker} is a file, not a directory; choose a directory."
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, cifar100_data_dir,
