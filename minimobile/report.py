@@ -119,11 +119,12 @@ def _pyplot():
 
 
 def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: str = "",
-                train_loss_floor: float | None = None) -> pathlib.Path:
+                train_loss_floor: float | None = None, augmented: bool = True) -> pathlib.Path:
     """Loss and accuracy against step, train and test, in one PNG.
 
     train_loss_floor: the lowest training loss label smoothing allows (`steps.lowest_train_loss`),
     drawn as a dotted line, so that nobody reads the gap between it and the test loss as a verdict.
+    augmented: whether the train figures are of augmented images (the legend says so).
     """
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -132,7 +133,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path, title: 
         if not rows:
             continue
         steps = [r["step"] for r in rows]
-        label = "train (augmented, running)" if prefix == "train" else "test"
+        label = f"train ({'augmented, ' * augmented}running)" if prefix == "train" else "test"
         ax_loss.plot(steps, [r[f"{prefix}_loss"] for r in rows], style, label=label, markersize=3)
         ax_acc.plot(steps, [100 * r[f"{prefix}_accuracy"] for r in rows], style, label=label, markersize=3)
     if train_loss_floor:

@@ -495,7 +495,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     if jax.process_index() == 0 and records:
         try:
             report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}",
-                               train_loss_floor=steps.lowest_train_loss(ds.num_classes, config.label_smoothing))
+                               train_loss_floor=steps.lowest_train_loss(ds.num_classes, config.label_smoothing),
+                               augmented=config.augment != "none")
         except OSError as e:  # the run itself is complete and saved: a missing figure is no reason to fail it
             print(f"warning: could not write {curves} ({e.strerror or e}).", file=sys.stderr)
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "

@@ -76,6 +76,9 @@ def test_the_curves_show_loss_and_accuracy_in_percent_against_the_step(tmp_path,
     points = lambda ax: {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
     assert points(ax_loss) == {"train (augmented, running)": [[10, 4.0]], "test": [[20, 3.9]]}
     assert points(ax_acc) == {"train (augmented, running)": [[10, 5.0]], "test": [[20, 10.0]]}
+    # A run without augmentation (the seed-tf recipes) does not say it had any.
+    report.plot_curves(records, tmp_path / "curves.png", augmented=False)
+    assert {line.get_label() for line in saved_figures[1].axes[0].lines} == {"train (running)", "test"}
 
 
 def tensorboard_events(directory) -> list:
