@@ -4,7 +4,8 @@
 (`{"step", "epoch", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"}`) and every
 evaluation (`{"step", "epoch", "eval_loss", "eval_accuracy", "eval_accuracy_top5"}`). The train
 figures, the learning rate among them, are means over the steps since the previous log line, not
-values at `step`. It is the boring, greppable record; TensorBoard shows the same numbers as curves.
+values at `step`; `images_per_sec` leaves out the time spent compiling, evaluating and checkpointing
+in that stretch. It is the boring, greppable record; TensorBoard shows the same numbers as curves.
 """
 
 from __future__ import annotations

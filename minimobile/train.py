@@ -512,7 +512,9 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
     config, sched, par = run.config, run.sched, run.par
     final: dict[str, Any] = {}
     pending: list[dict] = []          # device metrics (sums over each call's steps) not yet read back
-    tick, tick_step = time.perf_counter(), start
+    # images_per_sec counts training only: the clock restarts once the first call has compiled (or
+    # loaded from the cache) and after each evaluation and checkpoint, which are not training.
+    tick, tick_step, compiled = time.perf_counter(), start, False
     order, bar, train_summary = None, None, {}
     last_good, last_checkpoint = start, start or None
     step = start
@@ -531,6 +533,8 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         # Several steps per call (a loop on the device), never past the next log, evaluation or checkpoint.
         n = sched.steps_in_call(step, run.steps_per_call)
         state, metrics = run.steps(state, order, n)
+        if not compiled:  # the call returns once its steps are queued on the device, not when they are done
+            tick, compiled = time.perf_counter(), True
         pending.append(metrics)
         done = step = step + n
         reads = done % sched.log_every == 0 or done == sched.total_steps or sched.is_eval(done)
@@ -579,6 +583,8 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         if stopping:
             bar.close()
             return state, final, done, True
+        if sched.is_eval(done) or sched.is_checkpoint(done):  # both wait for the steps before them
+            tick, tick_step = time.perf_counter(), done
     if bar is not None:
         bar.close()
     return state, final, last_checkpoint, False

@@ -353,6 +353,42 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     assert "(train longer)" not in capsys.readouterr().out
 
 
+def test_images_per_sec_counts_training_only_not_compiling_evaluating_or_saving(tmp_path, monkeypatch):
+    # A clock that moves only when told: each step takes 1 s; compiling the step, each evaluation
+    # and each checkpoint take 100 s. TINY: 4 steps an epoch, a log line every 2, an evaluation and a
+    # checkpoint at each epoch's end.
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def taking(seconds, method):
+        def timed(self, *args, **kwargs):
+            now[0] += seconds(*args) if callable(seconds) else seconds
+            return method(self, *args, **kwargs)
+        return timed
+
+    calls = []
+
+    def step_seconds(state, order, n):
+        calls.append(n)
+        return n + (100 if len(calls) == 1 else 0)  # the first call compiles
+
+    monkeypatch.setattr(train.Run, "steps", taking(step_seconds, train.Run.steps))
+    monkeypatch.setattr(train.Run, "evaluate", taking(100, train.Run.evaluate))
+    monkeypatch.setattr(Checkpoints, "save", taking(100, Checkpoints.save))
+    train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
+    rates = [r["images_per_sec"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "images_per_sec" in r]
+    assert len(rates) == 4
+    # After an evaluation and a checkpoint (step 4), 2 steps of 16 images in 2 s, as every other window.
+    assert rates[1:] == [16.0] * 3
+    # The first window's clock starts once the first call has compiled and returned. Here a call
+    # returns only when its steps are done, so it comes out faster still; on a device, a call
+    # returns as soon as its steps are queued.
+    assert rates[0] > 16.0
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(width=0.0), "--width must be positive"),
     (dict(epochs=0), "--epochs must be positive"),
