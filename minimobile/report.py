@@ -11,6 +11,7 @@ in that stretch. It is the boring, greppable record; TensorBoard shows the same 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -44,7 +45,10 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+            # tensorboardX names its file by the second and the host only: a resume within the same
+            # second (a test, a script) would overwrite the first run's file. The suffix keeps both.
+            self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1,
+                                             filename_suffix=f".{os.getpid()}.{resume_step}")
         except ImportError:  # TensorBoard is a nicety; the JSON lines are the record
             pass
 
@@ -55,7 +59,9 @@ class MetricsWriter:
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key.replace("_", "/", 1), value, record["step"])
+                    # train/... and eval/... are TensorBoard's sections; learning_rate is no "learning" section.
+                    tag = key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key
+                    self.tensorboard.add_scalar(tag, value, record["step"])
 
     def _write(self, path: pathlib.Path, mode: str, text: str) -> None:
         try:

@@ -99,12 +99,15 @@ def tensorboard_events(directory) -> list:
 def test_a_resume_tells_tensorboard_to_drop_only_the_steps_after_the_checkpoint(tmp_path):
     writer = report.MetricsWriter(tmp_path)
     for step in (10, 20, 30):
-        writer.write({"step": step, "epoch": step / 10, "train_loss": 1.0})
+        writer.write({"step": step, "epoch": step / 10, "train_loss": 1.0, "learning_rate": 0.1})
     writer.close()
     writer = report.MetricsWriter(tmp_path, resume_step=20)  # resumed from the checkpoint at step 20
     writer.write({"step": 30, "epoch": 3.0, "train_loss": 0.5})
     writer.close()
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2  # one file per run, though in the same second
     events = tensorboard_events(tmp_path / "tensorboard")
-    # TensorBoard drops what was logged before at steps >= 21 (the first 30), and keeps step 20.
-    assert [e.step for e in events if e.HasField("session_log")] == [21]
-    assert {v.tag for e in events for v in e.summary.value} == {"train/loss"}  # step and epoch are axes
+    # Each run tells TensorBoard where it starts (its file's first step): from the resumed run's
+    # marker on, TensorBoard drops what was logged before at steps >= 21 (the first 30), and keeps 20.
+    assert [e.step for e in events if e.HasField("session_log")] == [1, 21]
+    # train_* and eval_* in their sections; step and epoch are axes.
+    assert {v.tag for e in events for v in e.summary.value} == {"train/loss", "learning_rate"}
