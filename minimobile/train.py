@@ -402,8 +402,10 @@ def settings_changed(previous: Config, config: Config) -> str | None:
                and getattr(previous, f.name) != getattr(config, f.name)]
     if not changed:
         return None
+    shown = lambda field, value: "auto" if field == "steps_per_call" and value == 0 else repr(value)
     return "settings changed since the last run here: " + ", ".join(
-        f"{f} {getattr(previous, f)!r} -> {getattr(config, f)!r}" for f in changed) + " (config.json now says so)"
+        f"{f} {shown(f, getattr(previous, f))} -> {shown(f, getattr(config, f))}" for f in changed
+    ) + " (config.json now says so)"
 
 
 def check_seed_may_change(previous: Config | None, config: Config, start: int | None, steps_per_epoch: int) -> None:
@@ -437,11 +439,11 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     check_processes_see_the_same({"checkpoints": checkpoints.steps()})
     restored, start = checkpoints.restore_latest(parallel.unreplicate(run.state, par))
     check_seed_may_change(previous, config, start, sched.steps_per_epoch)
-    if previous and (changes := settings_changed(previous, config)):
-        say(changes)
     # Only now: a run refused by its checkpoints leaves the settings they need. And not by a run with
     # nothing left to train (a smaller --epochs): config.json stays the record of what trained them.
     if previous is None or (start or 0) < sched.total_steps:
+        if previous and (changes := settings_changed(previous, config)):
+            say(changes)
         work.save_config(config, ds)
     state = run.state
     if start:

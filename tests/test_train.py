@@ -343,11 +343,12 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     assert "already trained for 12 steps; pass a larger --epochs to train longer." in capsys.readouterr().out
     assert again["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records
-    # A smaller --epochs trains nothing either, and leaves config.json the record of what trained step 12;
-    # so the first command again is not "train longer".
+    # A smaller --epochs trains nothing either, and leaves config.json the record of what trained step 12
+    # (so it names no changed setting); so the first command again is not "train longer".
     saved = (tmp_path / "config.json").read_text()
-    train.train_and_evaluate(TINY.replace(epochs=1), tmp_path, dataset=ds)
-    assert "already trained for 12 steps" in capsys.readouterr().out
+    train.train_and_evaluate(TINY.replace(epochs=1, learning_rate=0.5), tmp_path, dataset=ds)
+    out = capsys.readouterr().out
+    assert "already trained for 12 steps" in out and "settings changed" not in out
     assert (tmp_path / "config.json").read_text() == saved
     train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
     assert "(train longer)" not in capsys.readouterr().out
@@ -429,6 +430,9 @@ def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path):
     assert train.settings_changed(previous, TINY.replace(learning_rate=0.01, epochs=5)) == (
         "settings changed since the last run here: learning_rate 0.05 -> 0.01 (config.json now says so)")
     assert train.settings_changed(previous, TINY.replace(epochs=5)) is None  # a longer run changes nothing
+    # --steps-per-call's auto is stored as 0, and named as what the user typed.
+    assert train.settings_changed(previous, TINY.replace(steps_per_call=3)) == (
+        "settings changed since the last run here: steps_per_call auto -> 3 (config.json now says so)")
 
 
 def test_checkpoints_of_another_optimizer_state_are_refused_and_the_workdir_is_left_as_it_was(tmp_path):
