@@ -160,8 +160,8 @@ class Workdir:
 
 
 class StopRequest:
-    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the current call (of --steps-per-call steps at
-    most), save, exit."""
+    """SIGTERM (a scheduler preempting us) or Ctrl-C: finish the call the device is running and the one
+    queued behind it (of --steps-per-call steps each at most), save, exit."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -538,6 +538,10 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
         if not compiled:  # the call returns once its steps are queued on the device, not when they are done
             tick, compiled = time.perf_counter(), True
         pending.append(metrics)
+        # The device runs one call while the next waits in its queue, no more: left alone, the host
+        # would queue every call up to the next read, and a signal would stop the run only there.
+        if len(pending) > 1:
+            jax.block_until_ready(pending[-2])
         done = step = step + n
         reads = done % sched.log_every == 0 or done == sched.total_steps or sched.is_eval(done)
         # Several processes agree on a stop where the host waits for the device anyway.
@@ -578,6 +582,10 @@ def _loop(run: Run, state, start: int, checkpoints: Checkpoints, writer: report.
                 f"acc {100 * train_summary['accuracy']:5.1f} %  |  test loss {final['loss']:.3f} "
                 f"top-1 {100 * final['accuracy']:5.2f} % top-5 {100 * final['accuracy_top5']:5.2f} %{extra}"
                 f"  |  {images_per_sec:,.0f} img/s")
+        if reads and not stopping:  # the host has just waited for the device: a signal may have come meanwhile
+            stopping = stop.agree()
+        if done == sched.total_steps:  # a signal during the last call: the run is complete, not stopped
+            stopping = False
         if sched.is_checkpoint(done) or stopping:
             metrics = {"eval_accuracy": final["accuracy"]} if sched.is_eval(done) else None
             checkpoints.save(done, parallel.unreplicate(state, par), metrics)

@@ -318,6 +318,45 @@ def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log(t
     assert Checkpoints(tmp_path).steps() == [2]
 
 
+def test_a_signal_while_the_host_waits_stops_the_run_there_and_one_in_the_last_call_lets_it_end(
+        tmp_path, monkeypatch, capsys):
+    # Calls of 2 steps; an evaluation and a checkpoint at each epoch's end (4 steps).
+    stop, evaluate, block_until_ready = train.StopRequest(), train.Run.evaluate, jax.block_until_ready
+    monkeypatch.setattr(train, "StopRequest", lambda: stop)
+    config = TINY.replace(epochs=2, log_every_steps=8, steps_per_call=2)
+
+    def signal_then(wait):
+        def waiting(*args):
+            stop.signal = signal.SIGTERM
+            return wait(*args)
+        return waiting
+
+    # 1. While the host waits for the evaluation at step 4: the run stops at step 4, not a call later.
+    monkeypatch.setattr(train.Run, "evaluate", signal_then(evaluate))
+    with pytest.raises(SystemExit):
+        train.train_and_evaluate(config, tmp_path / "a", dataset=sample_dataset())
+    assert "SIGTERM received: saved a checkpoint at step 4;" in capsys.readouterr().out
+    monkeypatch.setattr(train.Run, "evaluate", evaluate)
+    # 2. While the host waits for steps 1-2, with steps 3-4 queued behind them: it queues no more,
+    #    so the run stops after steps 3-4 (without that wait it would queue up to the next read).
+    stop.signal = None
+    monkeypatch.setattr(jax, "block_until_ready", signal_then(block_until_ready))
+    with pytest.raises(SystemExit):
+        train.train_and_evaluate(config, tmp_path / "b", dataset=sample_dataset())
+    assert "SIGTERM received: saved a checkpoint at step 4;" in capsys.readouterr().out
+    monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
+    # 3. During the last call (steps 3-4 of 4): the run is complete, so it ends as one (exit 0).
+    stop.signal, steps, calls = None, train.Run.steps, []
+
+    def steps_signalled_in_the_second_call(run, *args):
+        calls.append(args)
+        return (signal_then(steps) if len(calls) == 2 else steps)(run, *args)
+
+    monkeypatch.setattr(train.Run, "steps", steps_signalled_in_the_second_call)
+    final = train.train_and_evaluate(config.replace(epochs=1), tmp_path / "c", dataset=sample_dataset())
+    assert final["count"] == 24 and Checkpoints(tmp_path / "c").steps() == [4]
+
+
 def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     ds = sample_dataset()
     train.train_and_evaluate(TINY, tmp_path, dataset=ds)                    # epochs 1-2: steps 4, 8
