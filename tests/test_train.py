@@ -300,61 +300,116 @@ def test_a_new_seed_may_take_over_at_an_epochs_end_or_on_a_fresh_run_but_not_mid
         train.check_seed_may_change(seed_0, seed_1, 6, 4)
 
 
-def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log(tmp_path, monkeypatch, capsys):
+class StandInRun:
+    """What the loop (`train._loop`) asks of a Run, with no model behind it: a step adds 1 to the
+    state, a call returns its steps' metrics, an evaluation fixed figures. So a test of the loop's
+    bookkeeping (when it logs, evaluates, saves and stops) takes milliseconds, not a compile."""
+
+    def __init__(self, config: Config, num_train: int = 64):
+        self.config, self.par, self.steps_per_call = config, parallel.setup("jit"), config.steps_per_call
+        self.sched = train.make_schedule(config, num_train)
+
+    def epoch_order(self, epoch):
+        return None
+
+    def steps(self, state, order, n):
+        return state + n, {"steps": jax.numpy.int32(n), "loss": jax.numpy.float32(n), "accuracy": 0.0,
+                           "learning_rate": 0.1}
+
+    def evaluate(self, state):
+        return {"loss": 1.0, "accuracy": 0.5, "accuracy_top5": 0.9, "count": 24}, None
+
+
+class Recorded(list):
+    """Stands in for the checkpoints (`save`) and the metrics writer (`write`): keeps what they get."""
+    save = lambda self, step, state, metrics: self.append(step)
+    write = list.append
+
+
+def run_loop(run, stop=None):
+    """train._loop from step 0: (steps taken, checkpoints saved, records written, stopped early?)."""
+    checkpoints, records = Recorded(), Recorded()
+    state, _, _, stopped = train._loop(run, 0, 0, checkpoints, records, stop or train.StopRequest(), False)
+    return state, checkpoints, records, stopped
+
+
+def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log():
     # Calls of 2 steps, a log, evaluation and checkpoint every 4: a signal during steps 1-2 stops at step 2
     # (one process waits for no one; several stop together where the host waits anyway, see README).
-    stop, steps = train.StopRequest(), train.Run.steps
+    stop = train.StopRequest()
+    run = StandInRun(TINY.replace(epochs=1, log_every_steps=4, steps_per_call=2))
+    steps = run.steps
 
-    def signal_then_steps(run, state, order, n):
+    def signal_then_steps(state, order, n):
         stop.signal = signal.SIGTERM
-        return steps(run, state, order, n)
+        return steps(state, order, n)
 
-    monkeypatch.setattr(train, "StopRequest", lambda: stop)
-    monkeypatch.setattr(train.Run, "steps", signal_then_steps)
-    with pytest.raises(SystemExit):
-        train.train_and_evaluate(TINY.replace(epochs=1, log_every_steps=4, steps_per_call=2), tmp_path,
-                                 dataset=sample_dataset())
-    assert "SIGTERM received: saved a checkpoint at step 2;" in capsys.readouterr().out
-    assert Checkpoints(tmp_path).steps() == [2]
+    run.steps = signal_then_steps
+    state, checkpoints, records, stopped = run_loop(run, stop)
+    assert (state, checkpoints, stopped) == (2, [2], True)
+    assert [r["step"] for r in records] == [2]  # the steps it took are logged
 
 
-def test_a_signal_while_the_host_waits_stops_the_run_there_and_one_in_the_last_call_lets_it_end(
-        tmp_path, monkeypatch, capsys):
-    # Calls of 2 steps; an evaluation and a checkpoint at each epoch's end (4 steps).
-    stop, evaluate, block_until_ready = train.StopRequest(), train.Run.evaluate, jax.block_until_ready
-    monkeypatch.setattr(train, "StopRequest", lambda: stop)
-    config = TINY.replace(epochs=2, log_every_steps=8, steps_per_call=2)
+def test_a_signal_while_the_host_waits_stops_the_run_there_and_one_in_the_last_call_lets_it_end(monkeypatch):
+    # Calls of 2 steps; 4 steps an epoch, with an evaluation and a checkpoint at its end; 8 in all.
+    config, stop = TINY.replace(epochs=2, log_every_steps=8, steps_per_call=2), train.StopRequest()
 
-    def signal_then(wait):
+    def signal_then(wait, when=lambda *args: True):
         def waiting(*args):
-            stop.signal = signal.SIGTERM
+            if when(*args):
+                stop.signal = signal.SIGTERM
             return wait(*args)
         return waiting
 
     # 1. While the host waits for the evaluation at step 4: the run stops at step 4, not a call later.
-    monkeypatch.setattr(train.Run, "evaluate", signal_then(evaluate))
-    with pytest.raises(SystemExit):
-        train.train_and_evaluate(config, tmp_path / "a", dataset=sample_dataset())
-    assert "SIGTERM received: saved a checkpoint at step 4;" in capsys.readouterr().out
-    monkeypatch.setattr(train.Run, "evaluate", evaluate)
+    run = StandInRun(config)
+    run.evaluate = signal_then(run.evaluate)
+    assert run_loop(run, stop)[:2] == (4, [4])
     # 2. While the host waits for steps 1-2, with steps 3-4 queued behind them: it queues no more,
-    #    so the run stops after steps 3-4 (without that wait it would queue up to the next read).
+    #    so the run stops after steps 3-4 (without that wait it would queue calls up to the next read).
     stop.signal = None
+    block_until_ready = jax.block_until_ready
     monkeypatch.setattr(jax, "block_until_ready", signal_then(block_until_ready))
-    with pytest.raises(SystemExit):
-        train.train_and_evaluate(config, tmp_path / "b", dataset=sample_dataset())
-    assert "SIGTERM received: saved a checkpoint at step 4;" in capsys.readouterr().out
+    assert run_loop(StandInRun(config), stop)[:2] == (4, [4])
     monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
-    # 3. During the last call (steps 3-4 of 4): the run is complete, so it ends as one (exit 0).
-    stop.signal, steps, calls = None, train.Run.steps, []
+    # 3. During the last call (steps 7-8): the run is complete, so it ends as one, not as stopped.
+    stop.signal, run = None, StandInRun(config)
+    run.steps = signal_then(run.steps, when=lambda state, order, n: state == 6)  # state: the steps taken
+    state, checkpoints, _, stopped = run_loop(run, stop)
+    assert (state, checkpoints, stopped) == (8, [4, 8], False)
 
-    def steps_signalled_in_the_second_call(run, *args):
-        calls.append(args)
-        return (signal_then(steps) if len(calls) == 2 else steps)(run, *args)
 
-    monkeypatch.setattr(train.Run, "steps", steps_signalled_in_the_second_call)
-    final = train.train_and_evaluate(config.replace(epochs=1), tmp_path / "c", dataset=sample_dataset())
-    assert final["count"] == 24 and Checkpoints(tmp_path / "c").steps() == [4]
+def test_images_per_sec_counts_training_only_not_compiling_evaluating_or_saving(monkeypatch):
+    # A clock that moves only when told: a step takes 1 s; compiling the step (in the first call), an
+    # evaluation and a checkpoint 100 s each. 4 steps an epoch, calls of 2, a log line every 2.
+    import types
+
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    run, steps, calls = StandInRun(TINY.replace(epochs=2, log_every_steps=2)), StandInRun.steps, []
+
+    def taking_time(state, order, n):
+        calls.append(n)
+        now[0] += n + (100 if len(calls) == 1 else 0)
+        return steps(run, state, order, n)
+
+    def taking_100_s(method):
+        def timed(*args):
+            now[0] += 100
+            return method(*args)
+        return timed
+
+    run.steps, run.evaluate = taking_time, taking_100_s(run.evaluate)
+    checkpoints, records = Recorded(), Recorded()
+    checkpoints.save = taking_100_s(checkpoints.save)
+    train._loop(run, 0, 0, checkpoints, records, train.StopRequest(), False)
+    rates = [r["images_per_sec"] for r in records if "images_per_sec" in r]
+    # After an evaluation and a checkpoint (step 4), 2 steps of 16 images in 2 s, as every window.
+    assert len(rates) == 4 and rates[1:] == [16.0] * 3
+    # The first window's clock starts once the first call has compiled and returned. Here a call
+    # returns only when its steps are done, so that window comes out faster still; on a device a
+    # call returns as soon as its steps are queued.
+    assert rates[0] > 16.0
 
 
 def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
@@ -391,42 +446,6 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     assert (tmp_path / "config.json").read_text() == saved
     train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
     assert "(train longer)" not in capsys.readouterr().out
-
-
-def test_images_per_sec_counts_training_only_not_compiling_evaluating_or_saving(tmp_path, monkeypatch):
-    # A clock that moves only when told: each step takes 1 s; compiling the step, each evaluation
-    # and each checkpoint take 100 s. TINY: 4 steps an epoch, a log line every 2, an evaluation and a
-    # checkpoint at each epoch's end.
-    import types
-
-    now = [0.0]
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-
-    def taking(seconds, method):
-        def timed(self, *args, **kwargs):
-            now[0] += seconds(*args) if callable(seconds) else seconds
-            return method(self, *args, **kwargs)
-        return timed
-
-    calls = []
-
-    def step_seconds(state, order, n):
-        calls.append(n)
-        return n + (100 if len(calls) == 1 else 0)  # the first call compiles
-
-    monkeypatch.setattr(train.Run, "steps", taking(step_seconds, train.Run.steps))
-    monkeypatch.setattr(train.Run, "evaluate", taking(100, train.Run.evaluate))
-    monkeypatch.setattr(Checkpoints, "save", taking(100, Checkpoints.save))
-    train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
-    rates = [r["images_per_sec"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-             if "images_per_sec" in r]
-    assert len(rates) == 4
-    # After an evaluation and a checkpoint (step 4), 2 steps of 16 images in 2 s, as every other window.
-    assert rates[1:] == [16.0] * 3
-    # The first window's clock starts once the first call has compiled and returned. Here a call
-    # returns only when its steps are done, so it comes out faster still; on a device, a call
-    # returns as soon as its steps are queued.
-    assert rates[0] > 16.0
 
 
 @pytest.mark.parametrize("change, message", [
