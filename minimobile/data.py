@@ -128,10 +128,11 @@ def _is_prepared(builder) -> bool:
 
 
 def _check_is_tfds_dir(data_dir: str | None, name: str) -> None:
-    """Refuses a data dir that holds something other than TFDS datasets, before TFDS writes into it."""
+    """Refuses a data dir (its "~" expanded by `_builder`) that holds something other than TFDS datasets,
+    before TFDS writes into it."""
     if data_dir is None:
         return  # TFDS's own default, which it manages
-    path = pathlib.Path(data_dir).expanduser()
+    path = pathlib.Path(data_dir)
     if not path.exists():
         return  # a new folder: the first run prepares the dataset there
     # A TFDS dir holds `<dataset>/<version>/dataset_info.json` (or `<dataset>/<config>/<version>/...`)
