@@ -159,6 +159,9 @@ class Checkpoints:
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3):
         self.directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
+        if self.directory.exists() and not self.directory.is_dir():  # orbax would fail in a background thread
+            raise UserError(f"{self.directory} is a file, not a directory of checkpoints; "
+                            "move it away, or choose another --workdir.")
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
             policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),

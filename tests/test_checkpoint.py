@@ -147,6 +147,10 @@ def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choice
             load_run_config(tmp_path)
     with pytest.raises(UserError, match="cannot read the run in .*restore them, or point --workdir at another run"):
         load_run_config(tmp_path / "config.json")                # a file given as the workdir
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "checkpoints").write_text("")     # orbax would fail in a thread, with a traceback
+    with pytest.raises(UserError, match=r"checkpoints is a file, not a directory of checkpoints; move it away"):
+        Checkpoints(tmp_path / "elsewhere")
 
 
 def test_orbax_advice_and_failed_write_tracebacks_are_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
