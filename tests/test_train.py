@@ -127,12 +127,19 @@ def test_several_steps_in_one_call_equal_the_same_steps_one_call_each_bit_for_bi
     # runs the same compiled loop body whatever the count, so grouping cannot change a single bit.
     run = train.build_run(TINY.replace(steps_per_call=3), sample_dataset(), parallel.setup("jit"))  # on any backend
     order, start = run.epoch_order(0), jax.device_get(run.state)
-    fresh = lambda: jax.device_put(start)  # the step donates its input state
-    together, summed = run.steps(fresh(), order, 3)
-    apart, losses = fresh(), []
-    for _ in range(3):
-        apart, metrics = run.step(apart, order)
-        losses.append(float(metrics["loss"]))
+    # The step donates its input state. Placed as the trainer places it: an array that is not (committed
+    # to a device) would be traced and compiled for separately.
+    fresh = lambda: jax.device_put(start, jax.tree.map(lambda x: x.sharding, run.state))
+    # On the way, what README promises of every call: nothing crosses from the host (JAX's transfer
+    # guard raises at any implicit host-to-device copy: a NumPy array or a Python number handed to the
+    # step), and the step count is an argument of one compiled program, not a constant of several.
+    with jax.transfer_guard_host_to_device("disallow"):
+        together, summed = run.steps(fresh(), order, 3)
+        apart, losses = fresh(), []
+        for _ in range(3):
+            apart, metrics = run.step(apart, order)
+            losses.append(float(metrics["loss"]))
+    assert run.step_fn._cache_size() == 1
     assert int(together.step) == int(apart.step) == 3 and int(summed["steps"]) == 3
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(together), jax.device_get(apart))
     assert float(summed["loss"]) == pytest.approx(sum(losses), rel=1e-6)  # metrics come back summed
