@@ -311,14 +311,16 @@ class Run:
     base_rng: jax.Array
     lr_numbers: dict                 # the schedule's peak, warmup and decay steps, on the devices
     steps_per_call: int              # the most steps the loop puts in one call (config's, or auto's)
+    counts: dict = dataclasses.field(default_factory=dict, repr=False)  # n -> n on the devices
 
     def epoch_order(self, epoch: int) -> jax.Array:
         return self.epoch_order_fn(np.int32(epoch))
 
     def step_args(self, state, order, n: int) -> tuple:
         """What `steps` passes the compiled step, in order (also for tracing or lowering it by hand)."""
-        count = parallel.replicate(np.int32(n), self.par)  # a scalar, sent without waiting for anything
-        return (state, *self.device_data, order, self.base_rng, self.lr_numbers, count)
+        if n not in self.counts:  # each count is sent to the devices once, so a call sends nothing
+            self.counts[n] = parallel.replicate(np.int32(n), self.par)
+        return (state, *self.device_data, order, self.base_rng, self.lr_numbers, self.counts[n])
 
     def steps(self, state, order, n: int):
         if not 1 <= n <= self.steps_per_call:  # a one-step run's program has no loop: it would do 1 step
