@@ -7,6 +7,7 @@ evaluation that counts top-1, top-5 and the loss as NumPy does, padding excluded
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -95,12 +96,16 @@ def test_one_train_step_is_nesterov_sgd_on_smoothed_targets_with_decay_on_conv_a
     targets = (1 - a) * jax.nn.one_hot(y, k) + a / k
 
     def loss_fn(params):
-        logits, _ = run.model.apply({"params": params, "batch_stats": before.batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-        return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+        logits, updates = run.model.apply({"params": params, "batch_stats": before.batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+        return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1)), (logits, updates["batch_stats"])
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(before.params)
+    (loss, (logits, batch_stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(before.params)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(metrics["accuracy"]) == np.mean(np.argmax(logits, -1) == y)   # the batch's top-1, not its smoothing
+    # BatchNorm's running statistics move to what the training-mode forward pass measured on this batch.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 jax.device_get(after.batch_stats), jax.device_get(batch_stats))
 
     weights, gradients = flat(before.params), flat(grads)
     decayed = paper_decayed(weights)
