@@ -27,7 +27,7 @@ from test_train import TINY, sample_dataset
 def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_padding(mode):
     # 24 test images in batches of 16: the second batch is half padding. An untrained network gets
     # about nothing right, so the labels are chosen from its own logits: 8 images labelled with their
-    # top class, 8 with their 3rd (top-5, not top-1), 8 with their last (neither). On 8 devices, the
+    # top class, 8 with their 5th (top-5, not top-1), 8 with their 6th (neither). On 8 devices, the
     # counts are summed over all of them, and the predictions come back in the test split's order.
     ds, config = sample_dataset(), TINY.replace(parallel=mode)
     run = train.build_run(config, ds, parallel.setup(mode))
@@ -46,7 +46,7 @@ def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_
     apply = jax.jit(lambda variables, x: steps.build_model(TINY, 100).apply(variables, x, train=False))
     logits = np.asarray(apply(variables, x))                                                            # [24, 100]
     ranked = np.argsort(-logits, axis=-1)
-    labels = np.concatenate([ranked[:8, 0], ranked[8:16, 2], ranked[16:, -1]]).astype(np.int32)
+    labels = np.concatenate([ranked[:8, 0], ranked[8:16, 4], ranked[16:, 5]]).astype(np.int32)
 
     evaluation = train.build_evaluation(config, Split(ds.test.images, labels), ds.mean, ds.std, run.par)
     metrics, predictions = evaluation(parallel.replicate_device_tree(state, run.par))
@@ -63,7 +63,7 @@ def flat(tree) -> dict:
 
 
 def paper_decayed(weights: dict) -> set[str]:
-    """The kernels weight decay applies to, by name: the paper (section 4) wants little or none on the
+    """The kernels weight decay applies to, by name: the paper (section 3.2) wants little or none on the
     depthwise filters, and none goes on BatchNorm or biases. The stem's conv, the 13 pointwise convs
     and the classifier's kernel."""
     decayed = {p for p in weights if p.endswith("/kernel") and p.split("/")[0] in ("stem", "classifier")
