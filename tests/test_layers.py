@@ -80,14 +80,16 @@ def test_depth_multiplier_gives_each_input_channel_its_own_filters():
 
 @pytest.mark.parametrize("impl", sorted(set(DEPTHWISE_IMPLS) - {"feature_group_count"}))
 def test_depthwise_module_is_a_drop_in_for_nn_conv_with_feature_group_count(impl):
-    # Same parameter names and shapes as `nn.Conv(C*m, (3, 3), feature_group_count=C)`, same outputs:
-    # a checkpoint trained with one implementation runs with any other.
+    # Same parameter names and shapes as `nn.Conv(C*m, (3, 3), feature_group_count=C)`, the same
+    # initial values from the same key (so a run starts alike whichever implementation its backend
+    # picks), same outputs: a checkpoint trained with one implementation runs with any other.
     x, _ = random_case(9, 9, c=4, m=2)
     reference = nn.Conv(8, (3, 3), strides=2, padding="SAME", feature_group_count=4, use_bias=True)
     params = reference.init(jax.random.key(0), x)
     module = DepthwiseConv(depth_multiplier=2, strides=2, use_bias=True, impl=impl)
     own = module.init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, params)
+    jax.tree.map(np.testing.assert_array_equal, own, params)
     np.testing.assert_allclose(module.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
 
 

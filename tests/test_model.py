@@ -85,12 +85,14 @@ def test_dropout_before_the_classifier_is_active_only_in_training():
 
 
 def test_dropout_zeroes_a_fraction_p_of_the_pooled_features_and_scales_the_rest_by_1_over_1_minus_p():
-    # With an identity classifier the logits *are* the classifier's input, so they can be compared
-    # with the pooled features of the same network without its head (num_classes=0).
+    # With an identity classifier the logits *are* the classifier's input (plus its bias), so they can
+    # be compared with the pooled features of the same network without its head (num_classes=0). The
+    # bias of 1 shows where the dropout is: before the classifier a dropped feature comes out as 1.0,
+    # after it as 0.
     p = 0.3
     model = MobileNetV1_Tiny(num_classes=64, dropout_rate=p)             # 64 = the tiny net's last width
     variables = init_variables(model, jax.random.key(0))
-    variables["params"]["classifier"] = {"kernel": jnp.eye(64), "bias": jnp.zeros(64)}
+    variables["params"]["classifier"] = {"kernel": jnp.eye(64), "bias": jnp.ones(64)}
     x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
     dropped = np.asarray(jax.jit(lambda: model.apply(variables, x, train=True, mutable=["batch_stats"],
                                                      rngs={"dropout": jax.random.key(2)})[0])())
@@ -98,8 +100,8 @@ def test_dropout_zeroes_a_fraction_p_of_the_pooled_features_and_scales_the_rest_
     body = {"params": {k: v for k, v in variables["params"].items() if k != "classifier"},
             "batch_stats": variables["batch_stats"]}
     features = np.asarray(jax.jit(lambda: headless.apply(body, x, train=True, mutable=["batch_stats"])[0])())
-    zero = dropped == 0
-    np.testing.assert_allclose(dropped[~zero], features[~zero] / (1 - p), rtol=1e-5)
+    zero = dropped == 1.0                                              # 0 * 1 + 1, exactly
+    np.testing.assert_allclose(dropped[~zero] - 1, features[~zero] / (1 - p), rtol=1e-5, atol=1e-6)
     assert abs(zero.mean() - p) < 0.06                                 # 1,024 features: sd of the rate 0.014
 
 
