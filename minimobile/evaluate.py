@@ -103,10 +103,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
 
     matrix = report.confusion_matrix(test.labels, predictions, info["num_classes"])
     class_names = info["class_names"]
-    # A class with no test image has no accuracy (null in the JSON), rather than a 0 % that would put
-    # it among the hardest classes (a small or custom test split, a coarse label that is never used).
-    per_class = {name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
-                 for k, name in enumerate(class_names)}
+    per_class = report.per_class_accuracy(matrix, class_names)
     out = workdir / "eval"
     try:
         out.mkdir(exist_ok=True)

@@ -165,6 +165,16 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return matrix
 
 
+def per_class_accuracy(matrix: np.ndarray, class_names: list[str]) -> dict[str, float | None]:
+    """Each class's top-1 accuracy: right answers over its test images (its row of the confusion matrix).
+
+    A class with no test image has no accuracy (None, null in JSON), rather than a 0 % that would put it
+    among the hardest classes (a small or custom test split, a coarse label that is never used).
+    """
+    return {name: float(matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
+            for k, name in enumerate(class_names)}
+
+
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | pathlib.Path) -> pathlib.Path:
     """The confusion matrix, rows normalised to 1, as a PNG (class names shown when there are few)."""
     plt = _pyplot()

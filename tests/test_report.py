@@ -37,6 +37,13 @@ def test_the_confusion_matrix_counts_true_classes_in_rows_and_predictions_in_col
     np.testing.assert_array_equal(report.confusion_matrix(labels, predictions, 3), by_hand)
 
 
+def test_a_class_accuracy_is_its_right_answers_over_its_own_test_images_and_none_without_any():
+    matrix = np.array([[2, 1, 0],     # class a: 3 test images, 2 right
+                       [3, 0, 0],     # class b: 3 test images, none right (3 taken for an a)
+                       [0, 0, 0]])    # class c: no test image, so no accuracy (not a 0 % among the hardest)
+    assert report.per_class_accuracy(matrix, ["a", "b", "c"]) == {"a": 2 / 3, "b": 0.0, "c": None}
+
+
 def test_the_figures_are_png_files(tmp_path):
     records = [{"step": s, "epoch": s / 10, "train_loss": 4 - s / 100, "train_accuracy": s / 200}
                for s in (10, 20, 30)] + [{"step": 30, "epoch": 3.0, "eval_loss": 3.9, "eval_accuracy": 0.1,

@@ -29,7 +29,7 @@ def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_
     # about nothing right, so the labels are chosen from its own logits: 8 images labelled with their
     # top class, 8 with their 5th (top-5, not top-1), 8 with their 6th (neither). On 8 devices, the
     # counts are summed over all of them, and the predictions come back in the test split's order.
-    ds, config = sample_dataset(), TINY.replace(parallel=mode)
+    ds, config = sample_dataset(), TINY.replace(parallel=mode, eval_subset=8)  # the report's "first N" too
     run = train.build_run(config, ds, parallel.setup(mode))
     state = jax.device_get(parallel.unreplicate(run.state, run.par))
     x = normalised(ds.test.images, ds.mean, ds.std)
@@ -53,6 +53,7 @@ def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_
     expected_loss = -log_softmax(logits)[np.arange(24), labels].mean()
     assert metrics["count"] == 24
     assert metrics["accuracy"] == pytest.approx(8 / 24) and metrics["accuracy_top5"] == pytest.approx(16 / 24)
+    assert metrics["accuracy_first_8"] == 1.0                          # the 8 labelled with their top class
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
     np.testing.assert_array_equal(predictions, ranked[:, 0])
     assert len(set(ranked[:, 0])) > 4  # so the order of the predictions shows

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -338,6 +339,18 @@ def run_loop(run, stop=None):
     checkpoints, records = Recorded(), Recorded()
     state, _, _, stopped = train._loop(run, 0, 0, checkpoints, records, stop or train.StopRequest(), False)
     return state, checkpoints, records, stopped
+
+
+def test_each_checkpoint_carries_the_top1_accuracy_of_its_steps_evaluation_which_ranks_it_for_best():
+    # `--checkpoint best` is the checkpoint saved with the highest value (tests/test_checkpoint.py); the
+    # loop must give each one its own step's test top-1 (not top-5, not the previous evaluation's).
+    run = StandInRun(TINY.replace(epochs=2, log_every_steps=4, steps_per_call=2))        # 4 steps an epoch
+    run.evaluate = lambda state: ({"loss": 1.0, "accuracy": state / 100, "accuracy_top5": 1 - state / 100,
+                                   "count": 24}, None)
+    saved = []
+    train._loop(run, 0, 0, types.SimpleNamespace(save=lambda step, state, metrics: saved.append((step, metrics))),
+                Recorded(), train.StopRequest(), False)
+    assert saved == [(4, {"eval_accuracy": 0.04}), (8, {"eval_accuracy": 0.08})]
 
 
 def test_a_signal_stops_a_run_after_the_call_it_arrived_in_not_at_the_next_log():
