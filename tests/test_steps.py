@@ -9,11 +9,13 @@ evaluation that counts top-1, top-5 and the loss as NumPy does, padding excluded
 import dataclasses
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from minimobile import parallel, steps, train
 from minimobile.config import Config, recipe
@@ -57,6 +59,34 @@ def test_evaluation_counts_top1_top5_and_the_loss_as_numpy_does_and_ignores_the_
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
     np.testing.assert_array_equal(predictions, ranked[:, 0])
     assert len(set(ranked[:, 0])) > 4  # so the order of the predictions shows
+
+
+@flax.struct.dataclass
+class StepOnly:
+    """All of a TrainState that `train_step_on_device_data` reads itself: the step."""
+    step: jax.Array
+
+
+def test_each_device_draws_its_own_dropout_key_and_each_step_a_new_one(monkeypatch):
+    # On 8 devices each holds 2 images of a batch. With one key for all, the 8 shares of every batch
+    # would drop the very same features. train_step is replaced by one that returns the key it gets.
+    def keys_of(state, batch, rng, **_):
+        return state.replace(step=state.step + 1), {"key": jax.random.key_data(rng)[None]}   # [1, 2] a device
+
+    monkeypatch.setattr(steps, "train_step", keys_of)
+    par, config = parallel.setup("mesh"), TINY.replace(augment="none")
+    body = functools.partial(steps.train_step_on_device_data, config=config, steps_per_epoch=4,
+                             mean=(0.0,) * 3, std=(1.0,) * 3)
+    step = parallel.distribute(body, par, out_specs=(P(), P(parallel.AXIS)), donate_first=False)
+    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int32)
+    data = parallel.replicate((images, labels, np.arange(64, dtype=np.int32)), par)
+    base_rng = parallel.on_all_devices(lambda: jax.random.key(0), par)()
+    lr_numbers = parallel.replicate(steps.schedule_numbers(config, 4, 8), par)
+    state = parallel.replicate(StepOnly(step=np.int32(0)), par)
+    state, first = step(state, *data, base_rng, lr_numbers)
+    _, second = step(state, *data, base_rng, lr_numbers)
+    keys = np.concatenate([np.asarray(first["key"]), np.asarray(second["key"])])             # [16, 2]
+    assert par.num_shards == 8 and len({tuple(k) for k in keys}) == 16
 
 
 def flat(tree) -> dict:
