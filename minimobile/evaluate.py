@@ -85,13 +85,15 @@ def abstract_state(config: Config, info: dict, sharding: jax.sharding.Sharding) 
 def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, which: str = "latest") -> dict:
     """Evaluate a run's checkpoint on its test split; writes per-class accuracy and the confusion matrix.
 
-    Reads only the test split: the normalisation uses the train statistics the run saved.
+    Reads only the test split: the normalisation uses the train statistics the run saved. data_dir:
+    by default the one the run trained from (its dataset.json says), else TFDS's default.
     """
     from minimobile import data as data_lib
     from minimobile.train import build_evaluation
 
     workdir = pathlib.Path(workdir).expanduser()
     config, info = load_run_config(workdir)
+    data_dir = data_dir or info.get("data_dir")  # by default, where the run found its data
     test = data_lib.load_split(config.dataset, data_dir, "test", label_key=config.label_key)
     par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size
     checkpoints = Checkpoints(workdir)
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
 
     p = ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's own)")
+    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the one the run trained from, as saved in its dataset.json)")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",

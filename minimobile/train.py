@@ -149,13 +149,15 @@ class Workdir:
             f.flush()
             yield  # closing the file releases the lock
 
-    def save_config(self, config: Config, dataset: data_lib.Dataset) -> None:
+    def save_config(self, config: Config, dataset: data_lib.Dataset, data_dir: str | None = None) -> None:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory
             return
         (self.path / "config.json").write_text(config.to_json() + "\n")
         info = {"name": dataset.name, "num_classes": dataset.num_classes, "class_names": dataset.class_names,
                 "mean": dataset.mean, "std": dataset.std, "image_shape": dataset.train.images.shape[1:],
-                "train_examples": len(dataset.train.labels), "test_examples": len(dataset.test.labels)}
+                "train_examples": len(dataset.train.labels), "test_examples": len(dataset.test.labels),
+                # Where the data came from (None: TFDS's default), so that `evaluate` finds it without asking.
+                "data_dir": str(pathlib.Path(data_dir).expanduser().absolute()) if data_dir else None}
         (self.path / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -446,7 +448,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     if previous is None or (start or 0) < sched.total_steps:
         if previous and (changes := settings_changed(previous, config)):
             say(changes)
-        work.save_config(config, ds)
+        work.save_config(config, ds, None if dataset else data_dir)
     state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
@@ -489,11 +491,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
         finally:
             checkpoints.close()
             writer.close()
-    if stopped:
-        name = signal.Signals(stop.signal).name + (" (by another process)" if stop.by_another_process else "")
-        say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
-            "rerun the same command to resume from there.")
-        raise SystemExit(128 + stop.signal)
+    # The curves so far, a stopped run's too (its checkpoint is on disk: the figure risks nothing).
     records = report.read_metrics(writer.path) if writer.path.exists() else []
     curves = work.path / "curves.png"
     if jax.process_index() == 0 and records:
@@ -501,8 +499,13 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
             report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}",
                                train_loss_floor=steps.lowest_train_loss(ds.num_classes, config.label_smoothing),
                                augmented=config.augment != "none")
-        except OSError as e:  # the run itself is complete and saved: a missing figure is no reason to fail it
+        except OSError as e:  # the run itself is saved: a missing figure is no reason to fail it
             print(f"warning: could not write {curves} ({e.strerror or e}).", file=sys.stderr)
+    if stopped:
+        name = signal.Signals(stop.signal).name + (" (by another process)" if stop.by_another_process else "")
+        say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
+            "rerun the same command to resume from there.")
+        raise SystemExit(128 + stop.signal)
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
         f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {curves}")
     return final

@@ -95,6 +95,7 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_within_seconds(tmp_path,
     assert f"{signal.Signals(signum).name} received: saved a checkpoint at step" in out and "Traceback" not in err
     saved = int(out.split("saved a checkpoint at step ")[1].split(";")[0].replace(",", ""))
     assert saved in Checkpoints(tmp_path).steps()
+    assert (tmp_path / "curves.png").stat().st_size > 0  # the curves so far, as a finished run draws them
 
 
 def test_a_reader_that_leaves_does_not_stop_training(tmp_path, cifar100_data_dir):

@@ -583,7 +583,8 @@ def test_train_evaluate_and_predict_from_the_command_line(tmp_path, cifar100_dat
     shutil.rmtree(workdir / "eval")
     (workdir / "eval").write_text("")                                      # so eval/ cannot be made
     monkeypatch.setenv("HOME", str(tmp_path))  # "~/run" (a quoted ~ or --workdir=~/run, which no shell expands)
-    again = evaluate_workdir("~/run", str(test_only))
+    again = evaluate_workdir("~/run")   # no data dir: the one the run trained from, which its dataset.json names
+    assert json.loads((workdir / "dataset.json").read_text())["data_dir"] == str(pathlib.Path(cifar100_data_dir))
     assert again["accuracy"] == pytest.approx(result["accuracy"]) and again["confusion_matrix"] is None
     assert "warning: cannot write to" in capsys.readouterr().err
     (workdir / "eval").unlink()
