@@ -48,11 +48,12 @@ from minimobile.assets import load_cifar100_sample
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import Config, recipe
 
-# The test suite sets MINIMOBILE_TUTORIAL_QUICK=1 to run every tutorial with small sizes, and points
-# MINIMOBILE_FIGURES_DIR elsewhere so that it never overwrites the figures committed beside this file.
+# MINIMOBILE_TUTORIAL_QUICK=1 (the test suite's setting) runs every tutorial with small sizes, and draws
+# its figures in a temporary folder (or MINIMOBILE_FIGURES_DIR), never over those committed beside this file.
 QUICK = os.environ.get("MINIMOBILE_TUTORIAL_QUICK") == "1"
 HERE = pathlib.Path(__file__).parent if "__file__" in globals() else pathlib.Path.cwd()  # Jupyter: no __file__
-FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR", HERE / "figures"))
+FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR") or
+                       (pathlib.Path(tempfile.gettempdir(), "minimobile-quick-figures") if QUICK else HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 RUNS = pathlib.Path(tempfile.mkdtemp(prefix="minimobile-tutorial-03-"))   # the training runs' workdirs
 STARTED = time.perf_counter()

@@ -45,6 +45,7 @@ import pathlib  # noqa: E402  (after the environment, on purpose)
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -59,11 +60,12 @@ from minimobile.assets import load_cifar100_sample  # noqa: E402
 from minimobile.augment import normalize  # noqa: E402
 from minimobile.layers import ConvBN, SeparableBlock  # noqa: E402
 
-# The test suite sets MINIMOBILE_TUTORIAL_QUICK=1 to run every tutorial with small sizes, and points
-# MINIMOBILE_FIGURES_DIR elsewhere so that it never overwrites the figures committed beside this file.
+# MINIMOBILE_TUTORIAL_QUICK=1 (the test suite's setting) runs every tutorial with small sizes, and draws
+# its figures in a temporary folder (or MINIMOBILE_FIGURES_DIR), never over those committed beside this file.
 QUICK = os.environ.get("MINIMOBILE_TUTORIAL_QUICK") == "1"
 HERE = pathlib.Path(__file__).parent if "__file__" in globals() else pathlib.Path.cwd()  # Jupyter: no __file__
-FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR", HERE / "figures"))
+FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR") or
+                       (pathlib.Path(tempfile.gettempdir(), "minimobile-quick-figures") if QUICK else HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 
 

@@ -30,6 +30,7 @@
 # %%
 import os
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -40,11 +41,12 @@ from jax import lax
 
 from minimobile import costs, layers
 
-# The test suite sets MINIMOBILE_TUTORIAL_QUICK=1 to run every tutorial with small sizes, and points
-# MINIMOBILE_FIGURES_DIR elsewhere so that it never overwrites the figures committed beside this file.
+# MINIMOBILE_TUTORIAL_QUICK=1 (the test suite's setting) runs every tutorial with small sizes, and draws
+# its figures in a temporary folder (or MINIMOBILE_FIGURES_DIR), never over those committed beside this file.
 QUICK = os.environ.get("MINIMOBILE_TUTORIAL_QUICK") == "1"
 HERE = pathlib.Path(__file__).parent if "__file__" in globals() else pathlib.Path.cwd()  # Jupyter: no __file__
-FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR", HERE / "figures"))
+FIGURES = pathlib.Path(os.environ.get("MINIMOBILE_FIGURES_DIR") or
+                       (pathlib.Path(tempfile.gettempdir(), "minimobile-quick-figures") if QUICK else HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 REPEATS = 3 if QUICK else 20
 
