@@ -698,7 +698,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                         "the last bits of the results, any larger count gives the same results as any other")
     p.add_argument("--keep-checkpoints", type=int, metavar="N",
                    help="keep the last N checkpoints, and always the one with the best test accuracy (default: 3)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, only a line per evaluation")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
                    help="keep compiled programs here, so that a rerun (a resume, the same config again) "
                         "starts without compiling; 'none' turns it off (default: %(default)s)")
