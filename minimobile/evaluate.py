@@ -131,7 +131,8 @@ def main(argv=None) -> None:
 
     p = ArgumentParser(prog="python -m minimobile.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
-    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the one the run trained from, as saved in its dataset.json)")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data dir (default: the one the run trained from, as its dataset.json says)")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best', or a step number")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--compilation-cache", default=default_compilation_cache(), metavar="DIR",
