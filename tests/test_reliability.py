@@ -366,6 +366,10 @@ def test_two_processes_stop_together_fall_back_together_and_outlive_a_dead_peer(
     # 1. A scheduler may signal only some processes; one that stopped alone would leave the other
     #    waiting forever. Both stop, at one step, with one checkpoint.
     with killed_at_the_end(start_processes(tmp_path, cifar100_data_dir, "--epochs", "500")) as procs:
+        # After the second epoch: a signal is honoured as soon as the host has waited for a read, so one
+        # sent after the first epoch's line may stop the run at that epoch's own checkpoint, and step 2
+        # below needs a checkpoint before the one the stop saved.
+        wait_for_line(procs[0], "epoch ")
         wait_for_line(procs[0], "epoch ")
         procs[1].send_signal(signal.SIGTERM)                    # process 1's watchdog passes it on
         results = [p.communicate(timeout=60) for p in procs]
