@@ -7,9 +7,13 @@ per step, so the input pipeline can never be what the GPU waits for.
 
     ds = load_dataset("cifar100")                        # host numpy arrays, prepared by TFDS once
     images = jax.device_put(ds.train.images)             # [N, 32, 32, 3] uint8, once
-    perm = epoch_permutation(epoch_key, len(ds.train.labels))
-    idx = train_batch_indices(perm, step, batch_size)    # [B], inside the jitted step
+    labels = jax.device_put(ds.train.labels)             # [N] int32, once
+    perm = epoch_permutation(epoch_key, len(ds.train.labels))          # [N], once per epoch
+    idx = train_batch_indices(perm, step_in_epoch, batch_size)        # [B], inside the jitted step
     batch = gather_batch(images, labels, idx)            # {"image": [B, 32, 32, 3], "label": [B]}
+
+`steps.train_step_on_device_data` is where these meet the train step, in one screen: select, augment,
+normalise, step.
 
 Getting the data is TFDS's job: the first run downloads and prepares it under `data_dir`
 (`~/tensorflow_datasets` by default); later runs only read it. We prepare in the `array_record` format

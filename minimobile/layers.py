@@ -18,7 +18,9 @@ comparing them is the quickest way to understand it:
   depthwise_conv_shift_add_vjp  the same forward pass, with its backward pass written by hand
 
 All take `x: [B, H, W, C]` and `kernel: [3, 3, 1, C * m]` and use SAME padding, and all agree
-(tests/test_layers.py checks outputs and gradients against the loops).
+(tests/test_layers.py checks outputs and gradients against the loops). The model's own default is
+the grouped convolution, `nn.Conv` itself (`depthwise_conv`); the trainer's `depthwise_impl="auto"`
+keeps it on GPU and TPU and picks `shift_add_vjp` on CPU (`resolve_depthwise_impl` says why).
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def _depthwise_forward_strided(x: jax.Array, kernel: jax.Array, stride: int) -> 
     out = None
     for di, (p, shift_i) in enumerate(rows):
         for dj, (q, shift_j) in enumerate(cols):
-            view = _shift_hw(xs[:, :, p, :, q], shift_i, shift_j)  # x[s*(i+si)+p, s*(j+sj)+q]
+            view = _shift_hw(xs[:, :, p, :, q], shift_i, shift_j)  # x[s*(i+shift_i)+p, s*(j+shift_j)+q]
             term = view * kernel[di, dj, 0].astype(x.dtype)
             out = term if out is None else out + term
     return out
@@ -404,7 +406,7 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (*self.kernel_size, 1, channels), self.param_dtype)  # [3, 3, 1, C*m]
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = DEPTHWISE_IMPLS[self.impl](x, kernel, self.strides)
+        y = DEPTHWISE_IMPLS[resolve_depthwise_impl(self.impl)](x, kernel, self.strides)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype).astype(self.dtype)
         return y
@@ -413,7 +415,9 @@ class DepthwiseConv(nn.Module):
 def depthwise_conv(channels_in: int, *, depth_multiplier: int = 1, strides: int = 1, use_bias: bool = False,
                    impl: str = "feature_group_count", dtype: Dtype = jnp.float32,
                    param_dtype: Dtype = jnp.float32, name: str = "depthwise") -> nn.Module:
-    """The depthwise layer. By default literally `nn.Conv(C*m, (3, 3), feature_group_count=C)`."""
+    """The depthwise layer, x: [B, H, W, C] -> [B, H/s, W/s, C*m]. By default literally
+    `nn.Conv(C*m, (3, 3), feature_group_count=C)`; impl: 'auto' or a key of DEPTHWISE_IMPLS."""
+    impl = resolve_depthwise_impl(impl)
     if impl == "feature_group_count":
         return nn.Conv(channels_in * depth_multiplier, (3, 3), strides=strides, padding="SAME",
                        feature_group_count=channels_in,  # one group per channel: kernel [3, 3, 1, C*m]
@@ -540,6 +544,8 @@ class BatchNorm(nn.Module):
 class ConvBN(nn.Module):
     """Convolution -> BatchNorm -> ReLU6: the unit every MobileNet layer is made of.
 
+    x: [B, H, W, C_in] -> [B, H/s, W/s, features] (a "depthwise" conv gives C_in * depth_multiplier
+    channels, whatever `features` says; a "pointwise" one has stride 1).
     `conv` names the convolution kind: "full" (an ordinary 3x3 conv; as `PatchConv` on inputs of at most
     PATCH_CONV_MAX_CHANNELS channels, such as the RGB stem), "depthwise" or "pointwise".
     BatchNorm statistics are averaged over `bn_axis_name` when training data-parallel (None under

@@ -6,7 +6,7 @@ blocks, average pooling and one fully connected layer. `MOBILENET_V1_BLOCKS` bel
 the model and the cost counter (`costs.py`) both read it, so they cannot drift apart.
 
 Two knobs shrink the network (section 3.3-3.4): the width multiplier alpha thins every layer to
-`int(c * alpha)` channels, and the resolution multiplier is simply the input size you feed in.
+`int(c * alpha)` channels (at least 1), and the resolution multiplier is simply the input size you feed in.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from flax import linen as nn
 
 from minimobile.layers import ConvBN, SeparableBlock
 
+STEM_CHANNELS = 32  # Table 1, row 1: Conv / s2, 3x3x3x32 (stride 1 with the "cifar" stem)
 # Table 1, rows after the first conv: (output channels, stride) of each depthwise-separable block.
 # (The paper's table prints "s2" on the last depthwise row, a known typo: its input and output are
 # both 7x7, so the stride is 1, as in every released implementation.)
-STEM_CHANNELS = 32
 MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
     (64, 1),
     (128, 2), (128, 1),
@@ -42,7 +42,7 @@ MAX_WIDTH = 16.0
 
 
 def thin(channels: int, width: float) -> int:
-    """The width multiplier: alpha thins every layer to int(channels * alpha) (section 3.3)."""
+    """The width multiplier: alpha thins every layer to int(channels * alpha) channels, at least 1 (section 3.3)."""
     return max(1, int(channels * width))
 
 
@@ -58,7 +58,7 @@ class MobileNetV1(nn.Module):
       dropout_rate: dropout before the classifier.
       dtype: compute dtype (bfloat16 on GPU); params stay in `param_dtype` (float32).
       bn_axis_name: the data-parallel axis BatchNorm averages its statistics over (None under plain jit).
-      depthwise_impl: see layers.DEPTHWISE_IMPLS; the parameters are the same for every choice.
+      depthwise_impl: "auto" or a key of layers.DEPTHWISE_IMPLS; the parameters are the same for every choice.
     """
 
     num_classes: int = 1000

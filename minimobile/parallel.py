@@ -71,6 +71,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 
 def setup(mode: str) -> Parallel:
+    """The devices a mode trains on: mesh, every device of every process; pmap, this process's; jit, one."""
     if mode not in MODES:
         raise UserError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}.")
     if mode == "mesh":
@@ -87,6 +88,7 @@ def setup(mode: str) -> Parallel:
 
 
 def check_batch_size(batch_size: int, par: Parallel) -> None:
+    """Each device takes an equal share of the global batch: refuse, in one sentence, one that does not split."""
     if batch_size % par.num_shards:
         one_device = ", or --parallel jit to train on one device" if jax.process_count() == 1 else ""
         raise UserError(f"--batch-size {batch_size} does not split evenly across {par.num_shards} devices; "

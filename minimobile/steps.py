@@ -88,7 +88,8 @@ def decay_mask(params) -> Any:
     Not on BatchNorm's scale/shift or biases (decaying them only fights the normalisation), and not
     on depthwise kernels: "we found that it was important to put very little or no weight decay (l2
     regularization) on the depthwise filters since their [sic] are so few parameters in them" (the
-    MobileNet paper, section 3.2).
+    MobileNet paper, section 3.2). A depthwise kernel is known by its layer's name, `depthwise`
+    (`layers.depthwise_conv`; in the seed CNN too).
     """
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
@@ -129,6 +130,8 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: in
 
 
 def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum and L2 weight decay added to the gradient, or Adam with decoupled
+    weight decay (AdamW) when it has any; the decay only on the kernels `decay_mask` picks."""
     if config.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                            optax.sgd(schedule, momentum=config.momentum, nesterov=True))
@@ -183,6 +186,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     """One optimizer step (SGD or Adam, as `tx` says: by default `state.tx`).
 
     batch: {"image": [B, H, W, 3] float (normalised), "label": [B] int}.
+    tx: the trainer's compiled step passes one built around `lr_numbers`, arguments of the step, so
+    that another learning rate or run length compiles nothing new; `state.tx` (the same optimizer)
+    then only lays out `state.opt_state`.
 
     With `axis_name`, this body sees only its device's share of the batch: gradients and metrics are
     averaged over the axis (and BatchNorm, built with the same axis name, averages its statistics),
@@ -260,7 +266,8 @@ def train_steps_on_device_data(state: TrainState, images: jax.Array, labels: jax
 
     `loop=False` compiles one step and no loop, for runs of one step per call (`num_steps` must be 1).
     A loop whose count is traced costs even when it runs once: XLA:CPU keeps the convolutions of a
-    loop body out of its fast kernels (a step of the grouped depthwise at width 0.25 took 4.3x as long),
+    loop body out of its fast kernels (a step of the grouped depthwise at width 0.25, batch 32, took 4.3x
+    as long in a loop run once as with no loop: 59.8 vs 255.8 img/s, README's Speed section),
     and XLA:GPU reads the loop's condition back to the host after each pass, so the host waits for
     every step before it can queue the next.
 
@@ -291,10 +298,11 @@ def auto_steps_per_call(model, image_shape: tuple[int, int, int]) -> int:
 
     The loop pays on CPU (see `train_steps_on_device_data`), unless the network has XLA convolutions:
     inside a loop body XLA:CPU leaves them out of its fast convolution kernels (their gradients keep a
-    layout those kernels do not take), and a step got 6-14x slower (measured: the grouped depthwise,
-    the standard-block MobileNet, the seed CNN). On GPU the allocator keeps its memory between calls,
-    so there is nothing to gain there, and a loop would make the host wait for each step (see
-    `train_steps_on_device_data`). Where this says 1, the trainer compiles its step with no loop.
+    layout those kernels do not take), and a step got 6-14x slower than one call per step (measured, in
+    README's Speed section: the grouped depthwise, the standard-block MobileNet, the seed CNN). On GPU
+    the allocator keeps its memory between calls, so there is nothing to gain there, and a loop would
+    make the host wait for each step (see `train_steps_on_device_data`). Where this says 1, the trainer
+    compiles its step with no loop.
     """
     if jax.default_backend() != "cpu":
         return 1

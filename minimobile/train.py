@@ -265,7 +265,7 @@ class Evaluation:
     images: jax.Array                # [N, H, W, 3] uint8, on the devices (all the following too)
     device_labels: jax.Array         # [N]
     rows: jax.Array                  # [num_batches, batch_size] indices into the split
-    mask: jax.Array                  # [num_batches, batch_size] 1 for an image, 0 for padding
+    mask: jax.Array                  # [num_batches, batch_size] True for an image, False for padding
 
     def __call__(self, state) -> tuple[dict[str, float], np.ndarray]:
         sums, predictions = self.eval_fn(state, self.images, self.device_labels, self.rows, self.mask)
@@ -295,7 +295,7 @@ class Run:
     """Everything the loop needs, built once from a config, a dataset and a device layout.
 
     `steps(state, order, n)` runs n training steps in one compiled call (each step's batch is picked
-    on the device from `order`, this epoch's permutation) and returns the metrics summed over them;
+    on the device from `order`, this epoch's permutation) and returns (new state, metrics summed over them);
     `step(state, order)` is one of them. `evaluate(state)` is the whole test split in one call.
     Tests and tutorials build a Run to drive steps by hand.
     """

@@ -76,7 +76,7 @@ def test_random_crop_is_a_window_of_the_zero_padded_image(images):
 
 
 @pytest.mark.parametrize("kind", augment.AUGMENTATIONS)
-def test_shape_dtype_and_scale(images, kind):
+def test_every_recipe_keeps_the_shape_and_gives_float32_within_0_255(images, kind):
     out = augment.augment_batch(keys(len(images)), images, kind)
     assert out.shape == images.shape and out.dtype == jnp.float32
     assert 0 <= float(out.min()) and float(out.max()) <= 255

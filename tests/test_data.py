@@ -75,7 +75,7 @@ def test_reading_in_chunks_smaller_than_the_split_loses_and_repeats_nothing(cifa
     assert_same_examples(ds.test, cifar_files.fake_split("cifar100", N_TEST, seed=1), "label")
 
 
-def test_cifar100_coarse_labels(cifar100_dir):
+def test_coarse_labels_give_cifar100s_20_superclasses(cifar100_dir):
     ds = data.load_dataset("cifar100", cifar100_dir, label_key="coarse_label")
     assert_same_examples(ds.train, cifar_files.fake_split("cifar100", N_TRAIN, seed=0), "coarse_label")
     assert ds.num_classes == 20 and ds.class_names[0] == "coarse_label_000"
@@ -96,7 +96,7 @@ def test_cifar10_with_its_five_training_files(tmp_path):
     assert ds.num_classes == 10
 
 
-def test_tfrecord_dirs_still_read(tmp_path):
+def test_a_data_dir_prepared_as_tfrecord_by_older_tfds_still_reads(tmp_path):
     # Data dirs prepared by older TFDS versions are tfrecord; they are read through TensorFlow instead.
     data_dir = cifar_files.make_prepared_cifar_dir(tmp_path, "cifar100", 9, 4, file_format="tfrecord")
     ds = data.load_dataset("cifar100", data_dir)
@@ -114,7 +114,7 @@ def test_prepared_data_is_read_without_tensorflow(cifar100_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_mock_data():
+def test_tfds_mock_data_gives_uint8_images_and_labels_in_range_with_no_download():
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=6):
