@@ -167,6 +167,14 @@ def test_auto_picks_a_known_implementation_and_unknown_names_fail_clearly():
     assert resolve_depthwise_impl("auto") in DEPTHWISE_IMPLS
     with pytest.raises(ValueError, match="depthwise_impl"):
         resolve_depthwise_impl("winograd")
+    # Wherever an implementation is named (the model, its layers), not only in the trainer's config.
+    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 2))
+    for module in (DepthwiseConv(impl="auto"), DepthwiseConv(impl="feature_group_count")):
+        variables = module.init(jax.random.key(0), x)
+        np.testing.assert_allclose(module.apply(variables, x), depthwise_conv_loops(x, variables["params"]["kernel"]),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        DepthwiseConv(impl="winograd").init(jax.random.key(0), x)
 
 
 def test_initialising_batch_norm_in_training_mode_leaves_the_running_statistics_as_flax_does():
