@@ -72,9 +72,12 @@ def xla_flops(fn, *shapes):
     return jax.jit(fn).lower(*[jnp.zeros(s) for s in shapes]).compile().cost_analysis()["flops"]
 
 
-@pytest.mark.parametrize("width, resolution, stem", [(0.25, 224, "imagenet"), (0.5, 32, "cifar")])
+# At 50 pixels a stride-2 layer meets an odd size (25 -> 13): SAME rounds the output up.
+@pytest.mark.parametrize("width, resolution, stem", [(0.25, 224, "imagenet"), (0.5, 32, "cifar"),
+                                                      (0.25, 50, "imagenet")])
 def test_every_layers_count_equals_xlas_cost_analysis(width, resolution, stem):
-    # XLA skips the taps that read zero padding, so it is compared with `macs_valid`, exactly.
+    # XLA skips the taps that read zero padding, so it is compared with `macs_valid`, exactly; and each
+    # layer's output shape is the one XLA's convolution gives.
     for layer in mobilenet_v1_layers(width, resolution, 100, stem):
         h, w, c = layer.input_shape
         if layer.kind in ("conv", "dw", "pw"):
@@ -85,6 +88,8 @@ def test_every_layers_count_equals_xlas_cost_analysis(width, resolution, stem):
                 x, kern, (layer.stride,) * 2, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=groups)
             assert xla_flops(conv, (1, h, w, c), (k, k, c // groups, c_out)) == 2 * layer.macs_valid, layer
+            out = jax.eval_shape(conv, jnp.zeros((1, h, w, c)), jnp.zeros((k, k, c // groups, c_out))).shape
+            assert out[1:] == layer.output_shape, layer
         elif layer.kind == "fc":
             assert xla_flops(jnp.dot, (1, c), layer.filter_shape) == 2 * layer.macs
 

@@ -29,6 +29,18 @@ def test_downsampling_keeps_a_linear_ramp_linear(tmp_path):
     assert np.all(np.abs(got[:, [0, -1], :] - expected[[0, -1], None]) <= 1)  # the edges: half a filter
 
 
+def test_downsampling_is_bilinear_an_impulse_spreads_over_its_four_neighbours(tmp_path):
+    # Halving a width, PIL's bilinear filter (its triangle stretched to the scale) weights input columns
+    # 2j-1 .. 2j+2 by 1/8, 3/8, 3/8, 1/8. A linear ramp cannot tell that from bicubic; an impulse can.
+    column = np.zeros(16)
+    column[6] = 240
+    Image.fromarray(np.broadcast_to(column.astype(np.uint8)[None, :, None], (8, 16, 3)).copy()).save(tmp_path / "i.png")
+    weights = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
+    expected = [sum(wk * column[c] for wk, c in zip(weights, range(2 * j - 1, 2 * j + 3)) if 0 <= c < 16)
+                for j in range(8)]                                          # [0, 0, 30, 90, 0, 0, 0, 0]
+    np.testing.assert_array_equal(read_image(tmp_path / "i.png", (8, 8))[..., 0], np.tile(expected, (8, 1)))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
 def test_grey_rgba_and_palette_images_become_the_rgb_they_show(tmp_path, cifar_sample, mode):
     picture = cifar_sample["image"][1]

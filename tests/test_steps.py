@@ -69,7 +69,8 @@ class StepOnly:
 
 def test_each_device_draws_its_own_dropout_key_and_each_step_a_new_one(monkeypatch):
     # On 8 devices each holds 2 images of a batch. With one key for all, the 8 shares of every batch
-    # would drop the very same features. train_step is replaced by one that returns the key it gets.
+    # would drop the very same features; and step 4, the first of epoch 2 (4 steps an epoch), must not
+    # repeat step 0's randomness. train_step is replaced by one that returns the key it gets.
     def keys_of(state, batch, rng, **_):
         return state.replace(step=state.step + 1), {"key": jax.random.key_data(rng)[None]}   # [1, 2] a device
 
@@ -85,8 +86,9 @@ def test_each_device_draws_its_own_dropout_key_and_each_step_a_new_one(monkeypat
     state = parallel.replicate(StepOnly(step=np.int32(0)), par)
     state, first = step(state, *data, base_rng, lr_numbers)
     _, second = step(state, *data, base_rng, lr_numbers)
-    keys = np.concatenate([np.asarray(first["key"]), np.asarray(second["key"])])             # [16, 2]
-    assert par.num_shards == 8 and len({tuple(k) for k in keys}) == 16
+    _, next_epoch = step(parallel.replicate(StepOnly(step=np.int32(4)), par), *data, base_rng, lr_numbers)
+    keys = np.concatenate([np.asarray(k["key"]) for k in (first, second, next_epoch)])       # [24, 2]
+    assert par.num_shards == 8 and len({tuple(k) for k in keys}) == 24
 
 
 def flat(tree) -> dict:

@@ -1,5 +1,6 @@
 """The training loop: one step under jit, pmap and a mesh gives one answer; runs resume exactly; the CLIs work."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -487,6 +488,13 @@ def test_impossible_settings_end_in_one_sentence(tmp_path, change, message):
     (dict(batch_size=32), "batch_size 32 there vs 16 now"),             # step s would be another batch
     (dict(dataset="cifar10"), "dataset 'cifar10' there vs 'cifar100' now"),  # other pictures, other classes
     (dict(normalization="minus_one_to_one"), "normalization 'minus_one_to_one' there vs 'dataset' now"),  # other inputs
+    # The same parameter shapes, so the checkpoint itself cannot tell: another network all the same.
+    (dict(stem="imagenet"), "stem 'imagenet' there vs 'cifar' now"),
+    (dict(block="standard"), "block 'standard' there vs 'separable' now"),
+    (dict(depth_multiplier=2), "depth_multiplier 2 there vs 1 now"),
+    (dict(batch_norm=False), "batch_norm False there vs True now"),
+    (dict(model="seed_cnn"), "model 'seed_cnn' there vs 'mobilenet_v1' now"),
+    (dict(label_key="coarse_label"), "label_key 'coarse_label' there vs 'label' now"),  # other classes
 ])
 def test_a_workdir_of_another_model_or_optimizer_is_refused(tmp_path, saved, message):
     (tmp_path / "config.json").write_text(TINY.replace(**saved).to_json())
@@ -500,6 +508,20 @@ def test_a_damaged_config_json_is_one_sentence_and_is_left_as_it_is(tmp_path, da
     with pytest.raises(UserError, match="cannot read .*config.json .*restore it, or choose another --workdir"):
         train.train_and_evaluate(TINY, tmp_path, dataset=sample_dataset())
     assert (tmp_path / "config.json").read_text() == damaged
+
+
+def test_a_resume_names_every_setting_it_changes_except_the_runs_length():
+    # The line a resume prints: whatever else differs from config.json is named, so that nothing changes
+    # silently; only --epochs and --steps, which a resume exists to change, go unmentioned.
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5, str: lambda v: v + "x",
+             tuple: lambda v: (*v, 7)}
+    for field in dataclasses.fields(Config):
+        value = getattr(TINY, field.name)
+        line = train.settings_changed(TINY, TINY.replace(**{field.name: other[type(value)](value)}))
+        if field.name in ("epochs", "steps"):
+            assert line is None
+        else:
+            assert line.startswith("settings changed") and f" {field.name} " in f" {line}", field.name
 
 
 def test_settings_that_may_change_on_a_resume_are_named_when_they_do(tmp_path):
