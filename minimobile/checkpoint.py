@@ -157,7 +157,8 @@ def _restore_args(state) -> ocp.args.PyTreeRestore:
 class Checkpoints:
     """`workdir/checkpoints/<step>/`, one per save; keeps the last `keep` and the best by eval accuracy."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3):
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, *, create: bool = True):
+        """create=False: only read (evaluate, predict), and make no `checkpoints/` where there is none."""
         self.directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
         if self.directory.exists() and not self.directory.is_dir():  # orbax would fail in a background thread
             raise UserError(f"{self.directory} is a file, not a directory of checkpoints; "
@@ -166,11 +167,12 @@ class Checkpoints:
             policies.LatestN(keep),
             policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
         ])
-        # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step.
+        # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step. Only
+        # a writer cleans up: a reader (evaluate during training) would delete the trainer's write in progress.
         # best_fn: without it orbax neither writes the metrics to disk nor ranks by them, so a new
         # process (a resumed run) would not know which checkpoint is the best, and would delete it.
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=True,
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create,
+                                               cleanup_tmp_directories=create, enable_async_checkpointing=True,
                                                best_fn=_test_accuracy, best_mode="max")
         self._set_aside_unreadable_metrics()
         ORBAX_NOISE.write_failed = False  # a new run (in the same process): its errors are news again

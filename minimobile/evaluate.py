@@ -93,14 +93,14 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
 
     workdir = pathlib.Path(workdir).expanduser()
     config, info = load_run_config(workdir)
-    data_dir = data_dir or info.get("data_dir")  # by default, where the run found its data
-    test = data_lib.load_split(config.dataset, data_dir, "test", label_key=config.label_key)
     par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size
-    checkpoints = Checkpoints(workdir)
-    try:
+    checkpoints = Checkpoints(workdir, create=False)
+    try:  # before the data: a run with no checkpoint says so at once
         state, step = restore(checkpoints, abstract_state(config, info, par.sharding()), which)
     finally:
         checkpoints.close()
+    data_dir = data_dir or info.get("data_dir")  # by default, where the run found its data
+    test = data_lib.load_split(config.dataset, data_dir, "test", label_key=config.label_key)
     metrics, predictions = build_evaluation(config, test, info["mean"], info["std"], par)(state)
 
     matrix = report.confusion_matrix(test.labels, predictions, info["num_classes"])

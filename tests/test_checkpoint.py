@@ -153,6 +153,29 @@ def test_a_checkpoint_or_run_that_is_not_there_is_one_sentence_naming_the_choice
         Checkpoints(tmp_path / "elsewhere")
 
 
+def test_a_reader_creates_nothing_and_leaves_a_write_in_progress_alone(tmp_path):
+    # evaluate and predict may run while the trainer writes a checkpoint: a write in progress is a
+    # temporary directory, which a writer's cleanup deletes (a killed write) and a reader must not.
+    from minimobile.evaluate import restore
+
+    save_all(tmp_path, {1: 0.5})
+    in_progress = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1764561234"
+    in_progress.mkdir()
+    (in_progress / "part").write_text("being written")
+    reader = Checkpoints(tmp_path, create=False)
+    reader.wait()                                             # orbax's cleanup runs in a background thread
+    assert reader.steps() == [1] and (in_progress / "part").exists()
+    reader.close()
+    empty = tmp_path / "not-trained-yet"
+    empty.mkdir()
+    reader = Checkpoints(empty, create=False)
+    with pytest.raises(UserError, match=r"^no checkpoint in .*not-trained-yet/checkpoints; train first, "
+                                        r"or check --workdir\.$"):
+        restore(reader, make_state(0, 0.0), "latest")
+    reader.close()
+    assert list(empty.iterdir()) == []
+
+
 def test_orbax_advice_and_failed_write_tracebacks_are_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
     import logging
 
