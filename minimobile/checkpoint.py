@@ -98,7 +98,9 @@ class _OrbaxNoise(logging.Filter):
     - the tracebacks of a background write that failed (a full disk), from each of orbax's threads
       and asyncio tasks: `Checkpoints` says it in one sentence when the next save or `wait` finds it;
     - once that sentence is said, any later error of those threads (they stumble over the shut-down
-      manager on the way out): the run is over, and they only repeat why.
+      manager on the way out): the run is over, and they only repeat why;
+    - a step's missing metadata file: seen by evaluate when training deletes an old checkpoint while
+      evaluate lists them. Whether a checkpoint is readable is for the restore to find out, and say.
     """
 
     def __init__(self):
@@ -110,7 +112,8 @@ class _OrbaxNoise(logging.Filter):
         failed_write = write_error_code(f"{message} {record.exc_info[1] if record.exc_info else ''}") is not None
         after_failure = self.write_failed and record.levelno >= logging.ERROR
         advice = "did not provide metrics" in message or "consider checkpointing less frequently" in message
-        return not (advice or failed_write or after_failure)
+        deleted = message.startswith("Metadata file does not exist")
+        return not (advice or failed_write or after_failure or deleted)
 
 
 ORBAX_NOISE = _OrbaxNoise()  # one object: adding it again is a no-op

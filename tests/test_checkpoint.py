@@ -176,7 +176,8 @@ def test_a_reader_creates_nothing_and_leaves_a_write_in_progress_alone(tmp_path)
     assert list(empty.iterdir()) == []
 
 
-def test_orbax_advice_and_failed_write_tracebacks_are_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
+def test_orbax_noise_is_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
+    # What is noise, and why, is in checkpoint._OrbaxNoise's docstring.
     import logging
 
     Checkpoints(tmp_path).close()  # a run's Checkpoints puts the filter on orbax's loggers
@@ -185,6 +186,7 @@ def test_orbax_advice_and_failed_write_tracebacks_are_dropped_and_any_other_erro
         absl.warning("Waiting for previous save to complete took %f seconds. If this number is high, consider "
                      "checkpointing less frequently.", 1.2)
         absl.warning("Metrics: None; the run did not provide metrics for step 8")
+        absl.warning("Metadata file does not exist: /w/checkpoints/16/_CHECKPOINT_METADATA")  # deleted as listed
         absl.error("_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: Failed to write 42644 bytes "
                    "to file 9: No space left on device [os_error_code='28']")
         absl.error("something else went wrong")
