@@ -99,8 +99,9 @@ class _OrbaxNoise(logging.Filter):
       and asyncio tasks: `Checkpoints` says it in one sentence when the next save or `wait` finds it;
     - once that sentence is said, any later error of those threads (they stumble over the shut-down
       manager on the way out): the run is over, and they only repeat why;
-    - a step's missing metadata file: seen by evaluate when training deletes an old checkpoint while
-      evaluate lists them. Whether a checkpoint is readable is for the restore to find out, and say.
+    - a step's missing or damaged metadata file (missing: seen by evaluate when training deletes an
+      old checkpoint as evaluate lists them): whether a checkpoint is readable is for the restore to
+      find out, and to say in its own warning.
     """
 
     def __init__(self):
@@ -112,8 +113,8 @@ class _OrbaxNoise(logging.Filter):
         failed_write = write_error_code(f"{message} {record.exc_info[1] if record.exc_info else ''}") is not None
         after_failure = self.write_failed and record.levelno >= logging.ERROR
         advice = "did not provide metrics" in message or "consider checkpointing less frequently" in message
-        deleted = message.startswith("Metadata file does not exist")
-        return not (advice or failed_write or after_failure or deleted)
+        metadata = message.startswith(("Metadata file does not exist", "Failed to json parse Metadata file"))
+        return not (advice or failed_write or after_failure or metadata)
 
 
 ORBAX_NOISE = _OrbaxNoise()  # one object: adding it again is a no-op
@@ -160,24 +161,34 @@ def _restore_args(state) -> ocp.args.PyTreeRestore:
 class Checkpoints:
     """`workdir/checkpoints/<step>/`, one per save; keeps the last `keep` and the best by eval accuracy."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, *, create: bool = True):
-        """create=False: only read (evaluate, predict), and make no `checkpoints/` where there is none."""
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, *, read_only: bool = False):
+        """read_only: for evaluate and predict, which may run while a training writes to the same folder.
+
+        A reader creates nothing (no `checkpoints/` where there is none), deletes nothing, and moves
+        nothing aside: it skips what it cannot read, with a warning, and leaves the folder to the trainer.
+        """
         self.directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
+        self.read_only = read_only
         if self.directory.exists() and not self.directory.is_dir():  # orbax would fail in a background thread
             raise UserError(f"{self.directory} is a file, not a directory of checkpoints; "
                             "move it away, or choose another --workdir.")
-        policy = policies.AnyPreservationPolicy([
-            policies.LatestN(keep),
-            policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
-        ])
-        # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step. Only
-        # a writer cleans up: a reader (evaluate during training) would delete the trainer's write in progress.
-        # best_fn: without it orbax neither writes the metrics to disk nor ranks by them, so a new
-        # process (a resumed run) would not know which checkpoint is the best, and would delete it.
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create,
-                                               cleanup_tmp_directories=create, enable_async_checkpointing=True,
-                                               best_fn=_test_accuracy, best_mode="max")
-        self._set_aside_unreadable_metrics()
+        if read_only:
+            # lightweight_initialize: orbax reads no checkpoint's metadata or metrics when it starts (one
+            # damaged, or deleted by the trainer as it was listed, would stop it); `best_step` reads them.
+            options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False,
+                                                   lightweight_initialize=True)
+        else:
+            policy = policies.AnyPreservationPolicy([
+                policies.LatestN(keep),
+                policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
+            ])
+            # cleanup_tmp_directories: a write killed midway leaves a temporary directory, never a step.
+            # best_fn: without it orbax neither writes the metrics to disk nor ranks by them, so a new
+            # process (a resumed run) would not know which checkpoint is the best, and would delete it.
+            options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                                   cleanup_tmp_directories=True, enable_async_checkpointing=True,
+                                                   best_fn=_test_accuracy, best_mode="max")
+            self._set_aside_unreadable_metrics()
         ORBAX_NOISE.write_failed = False  # a new run (in the same process): its errors are news again
         for logger in ("absl", "asyncio"):  # orbax logs through absl; its failed tasks through asyncio
             logging.getLogger(logger).addFilter(ORBAX_NOISE)
@@ -188,6 +199,9 @@ class Checkpoints:
                             "choose a writable --workdir.") from None
 
     def steps(self) -> list[int]:
+        """The finished checkpoints' steps. A reader looks afresh each time: a training may be changing them."""
+        if self.read_only:
+            return sorted(ocp.utils.checkpoint_steps(self.directory)) if self.directory.is_dir() else []
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
@@ -233,15 +247,26 @@ class Checkpoints:
         """(state, step) from the newest readable checkpoint, or (state, None) if there is none.
 
         `state` is a freshly initialised TrainState: it gives the structure, shapes and shardings.
+        A writer moves an unreadable checkpoint aside; a reader only skips it.
         """
         target = _restore_args(state)
         _quiet_failed_reads()
-        for step in reversed(self.steps()):
+        tried = set()
+        while untried := [step for step in self.steps() if step not in tried]:
+            step = untried[-1]
+            tried.add(step)
             self._check_holds_arrays_of(step, state)
             try:
                 tree, why = self.manager.restore(step, args=target), None
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
                 tree, why = None, type(e).__name__
+            if self.read_only:
+                if tree is not None:
+                    return state.replace(**tree), step
+                if (self.directory / str(step)).exists():  # else the trainer deleted it as we read: not news
+                    print(f"warning: checkpoint {step} is unreadable ({why}); falling back to the previous one "
+                          "(left where it is: evaluate and predict only read).", file=sys.stderr)
+                continue
             # Every process of a run resumes from the same step, or they would train apart.
             if parallel.largest_across_processes(why is not None):
                 self._move_aside(step, why or "unreadable by another process")
@@ -298,8 +323,22 @@ class Checkpoints:
                             "or choose another --workdir.")
 
     def best_step(self) -> int | None:
-        """The step with the highest eval accuracy among the checkpoints saved with one, or None."""
-        return self.manager.best_step()
+        """The step with the highest eval accuracy among the checkpoints saved with one, or None.
+
+        Read from each checkpoint's metrics file, as orbax ranks them for keeping (ties: the newest);
+        a checkpoint whose metrics are unreadable is left out, with a warning (a writer has moved it aside).
+        """
+        accuracy = {}
+        for step in self.steps():
+            metrics = self.directory / str(step) / "metrics" / "metrics"  # where orbax writes them
+            try:
+                accuracy[step] = float(_test_accuracy(json.loads(metrics.read_text())))
+            except FileNotFoundError:  # saved without an evaluation (a signal), or deleted by the trainer
+                continue
+            except (OSError, ValueError, TypeError, KeyError):  # not JSON, or not ours
+                print(f"warning: checkpoint {step}'s metrics are unreadable; it cannot be 'best' "
+                      "(left where it is: evaluate and predict only read).", file=sys.stderr)
+        return max(accuracy, key=lambda step: (accuracy[step], step)) if accuracy else None
 
     def restore(self, step: int, state):
         """The state at checkpoint `step`, asked for by name; one sentence if it is unreadable (left where it is)."""

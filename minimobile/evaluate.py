@@ -94,7 +94,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, data_dir: str | None = None, w
     workdir = pathlib.Path(workdir).expanduser()
     config, info = load_run_config(workdir)
     par = parallel.setup("jit")  # one device is plenty for 10,000 images, and works with any batch size
-    checkpoints = Checkpoints(workdir, create=False)
+    checkpoints = Checkpoints(workdir, read_only=True)
     try:  # before the data: a run with no checkpoint says so at once
         state, step = restore(checkpoints, abstract_state(config, info, par.sharding()), which)
     finally:

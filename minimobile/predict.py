@@ -57,7 +57,7 @@ def predict(workdir: str | pathlib.Path, images: np.ndarray, which: str = "lates
     """Class probabilities [N, K] for images [N, H, W, 3] uint8, and the class names."""
     config, info = load_run_config(workdir)
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    checkpoints = Checkpoints(workdir, create=False)
+    checkpoints = Checkpoints(workdir, read_only=True)
     try:
         state, _ = restore(checkpoints, abstract_state(config, info, one_device), which)
     finally:

@@ -4,6 +4,7 @@ A small state of the trainer's shape (step, params, BatchNorm statistics, an opt
 checks to a second: what is tested is the bookkeeping around orbax, not the network.
 """
 
+import re
 from typing import Any
 
 import flax
@@ -162,18 +163,48 @@ def test_a_reader_creates_nothing_and_leaves_a_write_in_progress_alone(tmp_path)
     in_progress = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1764561234"
     in_progress.mkdir()
     (in_progress / "part").write_text("being written")
-    reader = Checkpoints(tmp_path, create=False)
+    reader = Checkpoints(tmp_path, read_only=True)
     reader.wait()                                             # orbax's cleanup runs in a background thread
     assert reader.steps() == [1] and (in_progress / "part").exists()
     reader.close()
     empty = tmp_path / "not-trained-yet"
     empty.mkdir()
-    reader = Checkpoints(empty, create=False)
+    reader = Checkpoints(empty, read_only=True)
     with pytest.raises(UserError, match=r"^no checkpoint in .*not-trained-yet/checkpoints; train first, "
                                         r"or check --workdir\.$"):
         restore(reader, make_state(0, 0.0), "latest")
     reader.close()
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_reader_skips_what_it_cannot_read_or_what_vanished_and_moves_nothing(tmp_path, capfd):
+    # The workdir may be read-only, or the trainer's: evaluate and predict fall back, and leave it as it is.
+    import shutil
+
+    save_all(tmp_path, {1: 0.5, 2: 0.9, 3: 0.6})
+    for f in (tmp_path / "checkpoints" / "3").rglob("*"):         # every file, the metrics too
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * 7)
+    reader = Checkpoints(tmp_path, read_only=True)
+    assert reader.best_step() == 2 and reader.steps() == [1, 2, 3]
+    assert capfd.readouterr().err == ("warning: checkpoint 3's metrics are unreadable; it cannot be 'best' "
+                                      "(left where it is: evaluate and predict only read).\n")
+
+    def trainer_deletes_2_as_it_is_read(step, **kwargs):
+        if step == 2:
+            shutil.rmtree(tmp_path / "checkpoints" / "2")
+        return read(step, **kwargs)
+
+    read, reader.manager.restore = reader.manager.restore, trainer_deletes_2_as_it_is_read
+    restored, step = reader.restore_latest(make_state(0, 0.0))
+    assert step == 1 and np.all(np.asarray(restored.params["conv"]["kernel"]) == 1.0)
+    assert re.fullmatch(r"warning: checkpoint 3 is unreadable \(\w+\); falling back to the previous one "
+                        r"\(left where it is: evaluate and predict only read\)\.\n",  # none for 2, which vanished
+                        capfd.readouterr().err)
+    assert reader.steps() == [1, 3]                                  # a reader lists afresh each time
+    reader.close()
+    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "checkpoints-unreadable").exists()
 
 
 def test_orbax_noise_is_dropped_and_any_other_error_reaches_the_user(tmp_path, caplog):
@@ -187,6 +218,7 @@ def test_orbax_noise_is_dropped_and_any_other_error_reaches_the_user(tmp_path, c
                      "checkpointing less frequently.", 1.2)
         absl.warning("Metrics: None; the run did not provide metrics for step 8")
         absl.warning("Metadata file does not exist: /w/checkpoints/16/_CHECKPOINT_METADATA")  # deleted as listed
+        absl.error("Failed to json parse Metadata file: /w/checkpoints/16/_CHECKPOINT_METADATA, file content: ")
         absl.error("_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: Failed to write 42644 bytes "
                    "to file 9: No space left on device [os_error_code='28']")
         absl.error("something else went wrong")
