@@ -36,7 +36,10 @@ def load_run_config(workdir: str | pathlib.Path) -> tuple[Config, dict]:
         missing = sorted(DATASET_FACTS - set(info if isinstance(info, dict) else ()))
         if missing:
             raise ValueError(f"dataset.json lacks {', '.join(missing)}")
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if pathlib.Path(e.filename).name == "dataset.json":  # the run is there, its data's facts are lost
+            raise UserError(f"{workdir} has no dataset.json; rerun the training command that made the run "
+                            "(the same --dataset and --data-dir): it writes the file again.") from None
         raise UserError(f"{workdir} holds no training run (no config.json); train one first with "
                         f"`python -m minimobile.train --workdir {workdir}`.") from None
     except (OSError, ValueError) as e:  # a file for a workdir, a damaged config.json, ...

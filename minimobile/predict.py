@@ -49,7 +49,9 @@ def read_image(path: str | pathlib.Path, size: tuple[int, int]) -> np.ndarray:
     except Image.DecompressionBombError:
         raise UserError(f"{path} has more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels PIL opens safely; "
                         "downscale it first.") from None
-    except OSError as e:  # a directory, no permission, a truncated file
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; name its images instead (e.g. {path}/*.png).") from None
+    except OSError as e:  # no permission, a truncated file
         raise UserError(f"cannot read {path} ({e.strerror or e}).") from None
 
 

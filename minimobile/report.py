@@ -32,8 +32,7 @@ class MetricsWriter:
         # A run killed after its last checkpoint logged steps it will now redo: drop those lines,
         # so the file reads as one uninterrupted run.
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _parse(line).get("step", 0) <= resume_step]
+            kept = [line for line in _lines(self.path) if _parse(line)["step"] <= resume_step]
             # Into a new file, then renamed over the old one: a failed write cannot cost the lines kept.
             partial = self.path.with_name(self.path.name + ".partial")
             try:
@@ -106,14 +105,23 @@ def _abandon(summary_writer) -> None:
 
 
 def _parse(line: str) -> dict:
+    """One record; a line cut short by a kill, or damaged otherwise (not a record with a step), gets step inf."""
     try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill: ignore it
-        return {"step": float("inf")}
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+        return record
+    return {"step": float("inf")}
+
+
+def _lines(path: pathlib.Path) -> list[str]:
+    """The file's lines; bytes that are not UTF-8 (a damaged disk block) spoil only their own line."""
+    return path.read_text(errors="replace").splitlines()
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    return [r for r in map(_parse, pathlib.Path(path).read_text().splitlines()) if r.get("step") != float("inf")]
+    return [r for r in map(_parse, _lines(pathlib.Path(path))) if r["step"] != float("inf")]
 
 
 def _pyplot():

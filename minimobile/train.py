@@ -153,6 +153,12 @@ class Workdir:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory
             return
         (self.path / "config.json").write_text(config.to_json() + "\n")
+        self.save_dataset_facts(dataset, data_dir)
+
+    def save_dataset_facts(self, dataset: data_lib.Dataset, data_dir: str | None = None) -> None:
+        """dataset.json: what `evaluate` and `predict` need to know of the data (classes, normalisation)."""
+        if jax.process_index() != 0:
+            return
         info = {"name": dataset.name, "num_classes": dataset.num_classes, "class_names": dataset.class_names,
                 "mean": dataset.mean, "std": dataset.std, "image_shape": dataset.train.images.shape[1:],
                 "train_examples": len(dataset.train.labels), "test_examples": len(dataset.test.labels),
@@ -449,6 +455,8 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
         if previous and (changes := settings_changed(previous, config)):
             say(changes)
         work.save_config(config, ds, None if dataset else data_dir)
+    elif not (work.path / "dataset.json").exists():  # lost: evaluate and predict cannot do without it
+        work.save_dataset_facts(ds, None if dataset else data_dir)
     state = run.state
     if start:
         state = parallel.replicate_device_tree(restored, par)
@@ -494,6 +502,7 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
     # The curves so far, a stopped run's too (its checkpoint is on disk: the figure risks nothing).
     records = report.read_metrics(writer.path) if writer.path.exists() else []
     curves = work.path / "curves.png"
+    where = f"; curves in {curves}"
     if jax.process_index() == 0 and records:
         try:
             report.plot_curves(records, curves, title=f"{work.path.name}: {config.model} on {ds.name}",
@@ -501,13 +510,14 @@ def _train(config: Config, par: parallel.Parallel, work: Workdir, data_dir: str 
                                augmented=config.augment != "none")
         except OSError as e:  # the run itself is saved: a missing figure is no reason to fail it
             print(f"warning: could not write {curves} ({e.strerror or e}).", file=sys.stderr)
+            where = ""
     if stopped:
         name = signal.Signals(stop.signal).name + (" (by another process)" if stop.by_another_process else "")
         say(f"{name} received: saved a checkpoint at step {last_checkpoint:,}; "
             "rerun the same command to resume from there.")
         raise SystemExit(128 + stop.signal)
     say(f"test: loss {final['loss']:.4f}, top-1 {100 * final['accuracy']:.2f} %, "
-        f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images); curves in {curves}")
+        f"top-5 {100 * final['accuracy_top5']:.2f} %  ({final['count']:,} images){where}")
     return final
 
 

@@ -88,7 +88,7 @@ def test_what_is_not_an_image_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # PIL refuses above twice this: 32 < 64 pixels
     for path, message in [(tmp_path / "missing.png", "no image at .*; check the path"),
                           (tmp_path / "notes.txt", "is not an image PIL can read"),
-                          (tmp_path, "cannot read .*"),
+                          (tmp_path, r"is a folder; name its images instead \(e.g. .*/\*.png\)"),
                           (tmp_path / "depth.tiff", "floating-point pixels, whose range is not known"),
                           (tmp_path / "huge.png", "has more than the 32 pixels PIL opens safely; downscale it")]:
         with pytest.raises(UserError, match=message):

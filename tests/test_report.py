@@ -14,10 +14,11 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_line_cut_short_by_a_kill_is_skipped_and_a_resume_drops_the_steps_it_will_redo(tmp_path):
+def test_a_line_cut_short_by_a_kill_or_damaged_is_skipped_and_a_resume_drops_the_steps_it_will_redo(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 10, "train_loss": 4.5}\n{"step": 20, "eval_accuracy": 0.1}\n'
-                   '{"step": 30, "train_loss": 4.1}\n{"step": 40, "train_lo')        # killed mid-write
+    log.write_bytes(b'{"step": 10, "train_loss": 4.5}\n42\n{"step": 20, "eval_accuracy": 0.1}\n'
+                    b'\xff\xfe{"step"\n{"step": "x"}\n\n'                         # damaged: JSON, but no record
+                    b'{"step": 30, "train_loss": 4.1}\n{"step": 40, "train_lo')        # killed mid-write
     assert [r["step"] for r in report.read_metrics(log)] == [10, 20, 30]
     # The run resumes from its checkpoint at step 20: steps after it will be logged again, so they go,
     # and the cut line with them; what follows is appended as if the run had never stopped.

@@ -458,6 +458,15 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     assert "already trained for 12 steps; pass a larger --epochs to train longer." in capsys.readouterr().out
     assert again["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records
+    # A lost dataset.json: evaluate and predict name it, and the same command writes it again.
+    from minimobile.evaluate import load_run_config
+
+    facts = (tmp_path / "dataset.json").read_text()
+    (tmp_path / "dataset.json").unlink()
+    with pytest.raises(UserError, match=r"has no dataset.json; rerun the training command that made the run"):
+        load_run_config(tmp_path)
+    train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
+    assert (tmp_path / "dataset.json").read_text() == facts
     # A smaller --epochs trains nothing either, and leaves config.json the record of what trained step 12
     # (so it names no changed setting); so the first command again is not "train longer".
     saved = (tmp_path / "config.json").read_text()
@@ -465,8 +474,12 @@ def test_a_larger_epochs_trains_longer_and_a_corrupt_latest_checkpoint_falls_bac
     out = capsys.readouterr().out
     assert "already trained for 12 steps" in out and "settings changed" not in out
     assert (tmp_path / "config.json").read_text() == saved
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "curves.png").mkdir()                    # a figure that cannot be drawn is a warning, not a claim
     train.train_and_evaluate(TINY.replace(epochs=3), tmp_path, dataset=ds)
-    assert "(train longer)" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "(train longer)" not in captured.out and "curves in" not in captured.out
+    assert "warning: could not write" in captured.err
 
 
 @pytest.mark.parametrize("change, message", [
