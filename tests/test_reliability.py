@@ -197,6 +197,25 @@ def test_an_unwritable_workdir_is_named(tmp_path, capsys):
     assert code != 0 and err == f"error: --workdir {blocker} is a file, not a directory; choose a directory."
 
 
+def test_a_failed_write_of_config_json_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    # config.json records how the checkpoints beside it were made: a half-written one would stop
+    # every later resume, evaluate and predict.
+    work = train.Workdir(tmp_path)
+    (tmp_path / "config.json").write_text("the old record\n")
+    write_text = pathlib.Path.write_text
+
+    def half_then_disk_full(path, text, *args, **kwargs):
+        write_text(path, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_disk_full)
+    with pytest.raises(UserError, match=r"^cannot write .*config.json \(No space left on device\); free some space "
+                                        r"and rerun the same command\.$"):
+        work.save_config(TINY, sample_dataset())
+    assert (tmp_path / "config.json").read_text() == "the old record\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # and no partial file
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, cifar100_data_dir,
                                                                                     capsys):
     # Two runs writing checkpoints into one workdir would interleave them; the second is refused
