@@ -45,6 +45,14 @@ def wait_for_line(proc, text, timeout=240):
     raise AssertionError(f"no line with {text!r} within {timeout} s")
 
 
+def wait_for_checkpoint(workdir, timeout=120):
+    """Until a finished checkpoint is in workdir (orbax renames a complete one to its step number)."""
+    deadline = time.time() + timeout
+    while not any(p.name.isdigit() for p in (pathlib.Path(workdir) / "checkpoints").glob("*")):
+        assert time.time() < deadline, f"no checkpoint in {workdir} within {timeout} s"
+        time.sleep(0.05)
+
+
 def final_params(workdir):
     """The parameters of the last checkpoint, read back by orbax without any template."""
     step = max(Checkpoints(workdir).steps())
@@ -66,7 +74,8 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_un
     for attempt in range(2):
         proc = start(workdir, cifar100_data_dir)
         wait_for_line(proc, "epoch ")            # stepping now, checkpoints being written each epoch
-        wait_for_line(proc, "epoch ")            # (by now at least one is on disk, so there is a resume)
+        wait_for_line(proc, "epoch ")
+        wait_for_checkpoint(workdir)             # one on disk (a loaded machine may still be writing the first)
         time.sleep(rng.uniform(0.0, 0.6))        # somewhere in a step, or in a checkpoint write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -74,7 +83,7 @@ def test_sigkill_at_random_moments_then_the_same_command_ends_exactly_like_an_un
     proc = start(workdir, cifar100_data_dir)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "resumed from epoch" in out and "train longer" not in out  # the same run, not a longer one
+    assert "resumed from epoch" in out and "train longer" not in out, out + err  # the same run, not a longer one
 
     assert eval_records(workdir) == eval_records(tmp_path / "reference")  # every evaluation, bit for bit
     step_a, params_a = final_params(tmp_path / "reference")
