@@ -325,8 +325,8 @@ class Checkpoints:
     def best_step(self) -> int | None:
         """The step with the highest eval accuracy among the checkpoints saved with one, or None.
 
-        Read from each checkpoint's metrics file, as orbax ranks them for keeping (ties: the newest);
-        a checkpoint whose metrics are unreadable is left out, with a warning (a writer has moved it aside).
+        Read from each checkpoint's metrics file, afresh (evaluate may run beside a training); ties go to
+        the newest. A checkpoint whose metrics are unreadable is left out, with a warning.
         """
         accuracy = {}
         for step in self.steps():
