@@ -33,14 +33,7 @@ class MetricsWriter:
         # so the file reads as one uninterrupted run.
         if self.path.exists():
             kept = [line for line in _lines(self.path) if _parse(line)["step"] <= resume_step]
-            # Into a new file, then renamed over the old one: a failed write cannot cost the lines kept.
-            partial = self.path.with_name(self.path.name + ".partial")
-            try:
-                self._write(partial, "w", "".join(line + "\n" for line in kept))
-            except UserError:
-                partial.unlink(missing_ok=True)
-                raise
-            partial.replace(self.path)
+            write_whole(self.path, "".join(line + "\n" for line in kept))  # a failed write cannot cost them
         try:
             from tensorboardX import SummaryWriter
 
@@ -54,21 +47,17 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._write(self.path, "a", json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     # train/... and eval/... are TensorBoard's sections; learning_rate is no "learning" section.
                     tag = key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key
                     self.tensorboard.add_scalar(tag, value, record["step"])
-
-    def _write(self, path: pathlib.Path, mode: str, text: str) -> None:
-        try:
-            with path.open(mode) as f:
-                f.write(text)
-        except OSError as e:  # a full disk, most likely: the checkpoints are what a resume needs
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space and rerun the "
-                            "same command to resume from the last checkpoint.") from None
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -102,6 +91,23 @@ def _abandon(summary_writer) -> None:
                 pass
     except Exception:  # noqa: BLE001
         pass
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+    """Into a new file, renamed over the old one: a full disk or a kill mid-write leaves the old file whole."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise cannot_write(path, e) from None
+
+
+def cannot_write(path: pathlib.Path, error: OSError) -> UserError:
+    """A full disk, most likely: the checkpoints are what a resume needs, and they are on disk."""
+    return UserError(f"cannot write {path} ({error.strerror or error}); free some space and rerun the "
+                     "same command to resume from the last checkpoint.")
 
 
 def _parse(line: str) -> dict:

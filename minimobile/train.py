@@ -152,21 +152,8 @@ class Workdir:
     def save_config(self, config: Config, dataset: data_lib.Dataset, data_dir: str | None = None) -> None:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory
             return
-        self._write_whole(self.path / "config.json", config.to_json() + "\n")
+        report.write_whole(self.path / "config.json", config.to_json() + "\n")  # a half one would stop every resume
         self.save_dataset_facts(dataset, data_dir)
-
-    @staticmethod
-    def _write_whole(path: pathlib.Path, text: str) -> None:
-        """Into a new file, renamed over the old one: a full disk or a kill mid-write leaves the old file whole
-        (a half-written config.json would stop every later resume, evaluate and predict)."""
-        partial = path.with_name(path.name + ".partial")
-        try:
-            partial.write_text(text)
-            partial.replace(path)
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space and rerun the same "
-                            "command.") from None
 
     def save_dataset_facts(self, dataset: data_lib.Dataset, data_dir: str | None = None) -> None:
         """dataset.json: what `evaluate` and `predict` need to know of the data (classes, normalisation)."""
@@ -177,7 +164,7 @@ class Workdir:
                 "train_examples": len(dataset.train.labels), "test_examples": len(dataset.test.labels),
                 # Where the data came from (None: TFDS's default), so that `evaluate` finds it without asking.
                 "data_dir": str(pathlib.Path(data_dir).expanduser().absolute()) if data_dir else None}
-        self._write_whole(self.path / "dataset.json", json.dumps(info, indent=2) + "\n")
+        report.write_whole(self.path / "dataset.json", json.dumps(info, indent=2) + "\n")
 
 
 class StopRequest:

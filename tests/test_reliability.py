@@ -219,7 +219,7 @@ def test_a_failed_write_of_config_json_leaves_the_old_one_whole(tmp_path, monkey
 
     monkeypatch.setattr(pathlib.Path, "write_text", half_then_disk_full)
     with pytest.raises(UserError, match=r"^cannot write .*config.json \(No space left on device\); free some space "
-                                        r"and rerun the same command\.$"):
+                                        r"and rerun the same command to resume from the last checkpoint\.$"):
         work.save_config(TINY, sample_dataset())
     assert (tmp_path / "config.json").read_text() == "the old record\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # and no partial file
