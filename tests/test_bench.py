@@ -19,7 +19,16 @@ from minimobile.model import MobileNetV1
 WIDTH = 0.0625  # every layer of the real network, 2 to 64 channels: compiles in seconds
 
 
-def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
+def test_bench_cli_prints_one_json_object_with_the_figures_and_times_the_trainers_evaluation(capsys, monkeypatch):
+    # The eval column is the trainer's own evaluation (`Run.evaluate`, one scan over a test split), each
+    # call over a split of --steps (3) whole batches of --batch-size (4): 12 images, once to warm up, then
+    # once for the one repeat.
+    from minimobile import train
+
+    evaluated = []
+    trainers_evaluate = train.Run.evaluate
+    monkeypatch.setattr(train.Run, "evaluate", lambda run, state: evaluated.append(
+        trainers_evaluate(run, state)[0]["count"]) or (None, None))
     # feature_group_count compiles fastest; `auto` is what the trainer's own tests exercise.
     bench.main(["--width", str(WIDTH), "--batch-size", "4", "--repeats", "1", "--steps", "3",
                 "--steps-per-call", "2", "--depthwise-impl", "feature_group_count", "--json"])
@@ -33,6 +42,7 @@ def test_bench_cli_prints_one_json_object_with_the_figures(capsys):
     assert result["steps_per_call"] == 2 and result["steps_per_repeat"] == 3
     assert "ours up to 2 steps per call, as --steps-per-call asked" in "\n".join(out)  # a call of 2, then of 1
     assert result["images_per_sec"] > 0 and result["input_pipeline_images_per_sec"] > 0
+    assert evaluated == [3 * 4, 3 * 4]
 
 
 def test_the_table_says_how_many_steps_each_timed_call_ran():
@@ -237,7 +247,7 @@ def test_the_figures_are_the_timed_steps_images_and_mult_adds_per_second(monkeyp
     from minimobile import costs
 
     nothing = lambda n: None
-    monkeypatch.setattr(bench, "jax_runners", lambda config: (nothing, nothing, 1.25, 16))
+    monkeypatch.setattr(bench, "jax_runners", lambda config, eval_batches: (nothing, nothing, 1.25, 16))
     monkeypatch.setattr(bench, "torch_runners", lambda *args, **kwargs: (nothing, nothing))
     monkeypatch.setattr(bench, "input_pipeline_runner", lambda batch_size: nothing)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="0.0-stand-in"))  # none needed
@@ -276,7 +286,7 @@ def test_per_layer_rows_are_named_after_the_models_blocks():
 def test_a_repeat_shorter_than_the_trainers_call_reports_the_calls_it_made(monkeypatch):
     # The trainer makes calls of 16 steps; a repeat of 3 steps is one call of 3, and that is what is reported.
     nothing = lambda n: None
-    monkeypatch.setattr(bench, "jax_runners", lambda config: (nothing, nothing, 1.0, 16))
+    monkeypatch.setattr(bench, "jax_runners", lambda config, eval_batches: (nothing, nothing, 1.0, 16))
     monkeypatch.setattr(bench, "interleaved_timings", lambda runners, repeats, steps: {k: [0.5] for k in runners})
     result = bench.benchmark(WIDTH, 4, impls=("feature_group_count",), repeats=1, steps_per_repeat=3,
                              pipeline=False, log=lambda line: None)
