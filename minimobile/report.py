@@ -105,9 +105,11 @@ def write_whole(path: pathlib.Path, text: str) -> None:
 
 
 def cannot_write(path: pathlib.Path, error: OSError) -> UserError:
-    """A full disk, most likely: the checkpoints are what a resume needs, and they are on disk."""
+    """A full disk, most likely: the checkpoints are what a resume needs, and they are on disk.
+
+    config.json is written before the first checkpoint, hence "if there is one"."""
     return UserError(f"cannot write {path} ({error.strerror or error}); free some space and rerun the "
-                     "same command to resume from the last checkpoint.")
+                     "same command to resume from the last checkpoint, if there is one.")
 
 
 def _parse(line: str) -> dict:

@@ -89,6 +89,10 @@ class Workdir:
         self.path = pathlib.Path(path).expanduser()
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--workdir {self.path} is a file, not a directory; choose a directory.")
+        if self.path.is_symlink() and not self.path.exists():  # mkdir would say only "File exists"
+            # Not created for the user: a link to nowhere is often a disk not mounted yet.
+            raise UserError(f"--workdir {self.path} is a link to {os.readlink(self.path)}, which does not exist; "
+                            "create that directory (or mount its disk), or choose another --workdir.")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".writable-{os.getpid()}"  # per process: hosts may share the workdir

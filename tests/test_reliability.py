@@ -204,6 +204,11 @@ def test_an_unwritable_workdir_is_named(tmp_path, capsys):
     assert code != 0 and err.startswith(f"error: cannot write to --workdir {blocker / 'run'}")
     code, err = run_main(["--workdir", str(blocker)], capsys)  # not "(File exists)", mkdir's reason
     assert code != 0 and err == f"error: --workdir {blocker} is a file, not a directory; choose a directory."
+    (tmp_path / "link").symlink_to(tmp_path / "unmounted")  # a link to nowhere: not "(File exists)" either
+    code, err = run_main(["--workdir", str(tmp_path / "link")], capsys)
+    assert code != 0 and err == (f"error: --workdir {tmp_path / 'link'} is a link to {tmp_path / 'unmounted'}, which "
+                                 "does not exist; create that directory (or mount its disk), or choose another --workdir.")
+    assert not (tmp_path / "unmounted").exists()
 
 
 def test_a_failed_write_of_config_json_leaves_the_old_one_whole(tmp_path, monkeypatch):
@@ -219,7 +224,7 @@ def test_a_failed_write_of_config_json_leaves_the_old_one_whole(tmp_path, monkey
 
     monkeypatch.setattr(pathlib.Path, "write_text", half_then_disk_full)
     with pytest.raises(UserError, match=r"^cannot write .*config.json \(No space left on device\); free some space "
-                                        r"and rerun the same command to resume from the last checkpoint\.$"):
+                                        r"and rerun the same command to resume from the last checkpoint, if there is one\.$"):
         work.save_config(TINY, sample_dataset())
     assert (tmp_path / "config.json").read_text() == "the old record\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # and no partial file
