@@ -12,9 +12,9 @@ random uint8 pictures [N, 32, 32, 3] on the device: each step gathers its batch,
 + flip), normalises and steps, with as many steps per call as the trainer makes (16 on CPU for the
 default network, `steps.auto_steps_per_call`) and the state donated from call to call.
 `--steps-per-call 1` times one call per step, the way an eager framework runs. The eval column is
-the trainer's evaluation too: one call over a test split of `--steps` batches, a scan on the device. Compilation happens
-first and is reported on its own; then `--repeats` timed runs of `--steps` steps each (16 by
-default), and we report the median. With `--compare torch` the same
+the trainer's evaluation too: one call over a test split of `--steps` batches, a scan on the device.
+Compilation happens first and is reported on its own; then `--repeats` timed runs of `--steps` steps
+each (16 by default), and we report the median. With `--compare torch` the same
 architecture in PyTorch (`torch_reference.py`: channels_last, SGD with Nesterov momentum,
 cross-entropy, as many threads as cores, one fixed batch, no augmentation) runs interleaved with ours,
 repeat by repeat, so both see the same machine load, and the ratio of the medians is printed, with
