@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from minimobile.layers import same_padding
+from minimobile.depthwise import same_padding
 from minimobile.model import MOBILENET_V1_BLOCKS, STEM_CHANNELS, STEM_STRIDES, thin
 
 

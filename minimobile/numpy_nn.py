@@ -21,7 +21,7 @@ the shape of the thing it is the gradient of. Layers without parameters return j
     relu6, global_avg_pool, dense, softmax_cross_entropy
 
 Images are NHWC and kernels HWIO, exactly the layout of the Flax model, so its parameters can be
-used here as they are. Convolutions use SAME padding the way XLA does (`layers.same_padding`).
+used here as they are. Convolutions use SAME padding the way XLA does (`depthwise.same_padding`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 # BatchNorm's epsilon, as in `layers.ConvBN`: keeps 1/sqrt(var + eps) finite for a constant channel.
-from minimobile.layers import BN_EPSILON, same_padding
+from minimobile.depthwise import same_padding
+from minimobile.layers import BN_EPSILON
 
 # --------------------------------------------------------------------------------------------
 # Convolutions. All three are written the same way: a 3x3 convolution is nine "taps", and tap

@@ -11,7 +11,7 @@ what oneDNN's depthwise and 1x1 kernels prefer) and `groups=C` convolutions.
 
 One honest difference, which is free: where a stride-2 3x3 layer puts its one row of padding. PyTorch's
 `padding=1` pads one row before and one after and lets the stride skip the last; XLA's SAME pads zero
-before and one after (see `layers.same_padding`). Same shapes, same mult-adds, different pixels. With
+before and one after (see `depthwise.same_padding`). Same shapes, same mult-adds, different pixels. With
 `same_padding=True` the stride-2 layers pad like XLA (an explicit `F.pad`, then no padding), which is
 what the logits check uses; the benchmark times the idiomatic `padding=1` model, so PyTorch is never
 handicapped by our convention.
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimobile.layers import BN_EPSILON, BN_MOMENTUM, same_padding
+from minimobile.depthwise import same_padding
+from minimobile.layers import BN_EPSILON, BN_MOMENTUM
 from minimobile.model import MOBILENET_V1_BLOCKS, STEM_CHANNELS, STEM_STRIDES, thin
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from minimobile.depthwise import depthwise_conv_loops, same_padding
 from minimobile.layers import (DEPTHWISE_IMPLS, BatchNorm, DepthwiseConv, PatchConv, PointwiseConv, SeparableBlock,
-                               depthwise_conv_loops, resolve_depthwise_impl, same_padding)
+                               resolve_depthwise_impl)
 
 CASES = [  # (height, width, channels, depth_multiplier, stride)
     (6, 6, 3, 1, 1),

@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from minimobile.layers import depthwise_conv_loops
+from minimobile.depthwise import depthwise_conv_loops
 from minimobile.model import MobileNetV1, MobileNetV1_Tiny, init_variables
 from minimobile.numpy_mobilenet import loss_and_grads, mobilenet_forward, predict, to_numpy, train_step
 from minimobile.numpy_nn import (batchnorm_inference_backward, batchnorm_inference_forward, batchnorm_train_backward,
@@ -151,7 +151,7 @@ def test_backward_equals_finite_differences(name):
 
 @pytest.mark.parametrize("m, stride", [(1, 1), (3, 2)])
 def test_depthwise_forward_is_the_definition(m, stride):
-    # The project's definition of a depthwise convolution is the loop in layers.py; the nine-tap
+    # The project's definition of a depthwise convolution is the loop in depthwise.py; the nine-tap
     # vectorised version must compute exactly it, including the depth-multiplier channel layout.
     rng = np.random.default_rng(3)
     x, w = rng.standard_normal((2, 7, 5, 2)), rng.standard_normal((3, 3, 1, 2 * m))

@@ -38,7 +38,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimobile import costs, layers, numpy_nn
+from minimobile import costs, depthwise, numpy_nn
 from minimobile.model import MOBILENET_V1_BLOCKS
 
 # MINIMOBILE_TUTORIAL_QUICK=1 (the test suite's setting) runs every tutorial with small sizes, and draws
@@ -246,7 +246,7 @@ print("dL/dx", d_x.shape, " dL/d(depthwise kernel)", d_d.shape, " dL/d(pointwise
 # %% [markdown]
 # ## Five implementations of the depthwise step
 #
-# The depthwise step is one operation with several correct implementations, and `minimobile.layers`
+# The depthwise step is one operation with several correct implementations, and `minimobile`
 # keeps five, because comparing them is the quickest way to understand it. Four compute the
 # forward pass differently:
 #
@@ -257,8 +257,9 @@ print("dL/dx", d_x.shape, " dL/d(depthwise kernel)", d_d.shape, " dL/d(pointwise
 # | `depthwise_conv_grouped` | XLA's grouped convolution with `feature_group_count=C` (what `nn.Conv` does) |
 # | `depthwise_conv_shift_add` | nine shifted views, each scaled per channel, summed (as in `numpy_nn`, but in XLA) |
 #
-# A fifth, `depthwise_conv_shift_add_vjp`, has `shift_add`'s forward pass and a backward pass written
-# by hand (tutorial 5 shows why); it is what training on a CPU uses.
+# All four are in `minimobile/depthwise.py`. A fifth, `depthwise_conv_shift_add_vjp`
+# (`minimobile/depthwise_vjp.py`), has `shift_add`'s forward pass and a backward pass written by hand
+# (tutorial 5 shows why); it is what training on a CPU uses.
 #
 # The last three are JAX functions, compiled by XLA with `jax.jit`. We also time
 # `numpy_nn.depthwise_conv_forward`, the vectorised NumPy version. First, do they agree? The input is
@@ -270,11 +271,11 @@ B, H, C = (2, 16, 16) if QUICK else (8, 32, 64)
 xs = rng.normal(size=(B, H, H, C)).astype(np.float32)    # [B, H, W, C]
 ks = rng.normal(size=(3, 3, 1, C)).astype(np.float32)    # [3, 3, 1, C]: one 3x3 filter per channel
 
-jax_impls = {"split": layers.depthwise_conv_split, "feature_group_count": layers.depthwise_conv_grouped,
-             "shift_add": layers.depthwise_conv_shift_add}
+jax_impls = {"split": depthwise.depthwise_conv_split, "feature_group_count": depthwise.depthwise_conv_grouped,
+             "shift_add": depthwise.depthwise_conv_shift_add}
 jitted = {(name, s): jax.jit(fn, static_argnums=2) for name, fn in jax_impls.items() for s in (1, 2)}
 for stride in (1, 2):
-    reference = layers.depthwise_conv_loops(xs, ks, stride)           # float64 loops
+    reference = depthwise.depthwise_conv_loops(xs, ks, stride)        # float64 loops
     diffs = {"numpy_nn": numpy_nn.depthwise_conv_forward(xs, ks, stride)[0]}
     diffs |= {name: jitted[name, stride](xs, ks, stride) for name in jax_impls}
     print(f"stride {stride}: output {reference.shape}, max |difference| from the loops:",
@@ -306,7 +307,7 @@ def best_time(fn, repeats):
 
 repeats = 2 if QUICK else 10
 timings = {
-    "NumPy loops\n(depthwise_conv_loops)": best_time(lambda: layers.depthwise_conv_loops(xs, ks), 1 if QUICK else 2),
+    "NumPy loops\n(depthwise_conv_loops)": best_time(lambda: depthwise.depthwise_conv_loops(xs, ks), 1 if QUICK else 2),
     "NumPy vectorised\n(numpy_nn)": best_time(lambda: numpy_nn.depthwise_conv_forward(xs, ks)[0], repeats),
 }
 for name in jax_impls:

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax import lax
 
-from minimobile import costs, layers
+from minimobile import costs, depthwise, depthwise_vjp
 
 # MINIMOBILE_TUTORIAL_QUICK=1 (the test suite's setting) runs every tutorial with small sizes, and draws
 # its figures in a temporary folder (or MINIMOBILE_FIGURES_DIR), never over those committed beside this file.
@@ -184,7 +184,7 @@ def layer_fn(layer, dw_impl):
     return jax.jit(lambda x, w: conv(x, w, layer.stride)), x, w
 
 
-def measure(layers_, dw_impl=layers.depthwise_conv_grouped):
+def measure(layers_, dw_impl=depthwise.depthwise_conv_grouped):
     """Best time of each layer, in seconds. Identical layers (blocks 7 to 11 are five copies) are timed once."""
     best = {}
     for layer in layers_:
@@ -195,7 +195,7 @@ def measure(layers_, dw_impl=layers.depthwise_conv_grouped):
 
 
 t_grouped = measure(table)
-t_shift_add = measure([layer for layer in table if layer.kind == "dw"], layers.depthwise_conv_shift_add)
+t_shift_add = measure([layer for layer in table if layer.kind == "dw"], depthwise.depthwise_conv_shift_add)
 t_baseline = measure(baseline)
 achieved = np.array([flops(layer) for layer in table]) / t_grouped
 print(f"1.0 MobileNet-{RESOLUTION}, batch {BATCH}: {t_grouped.sum() * 1e3:.1f} ms with grouped depthwise, "
@@ -318,8 +318,9 @@ x = jax.random.normal(kx, (B, H, H, C))               # [B, H, W, C]
 dw_kernel = jax.random.normal(kw, (3, 3, 1, C))       # [3, 3, 1, C]
 pw_kernel = jax.random.normal(kw, (1, 1, C, C))       # [1, 1, C, C]
 
-candidates = {"split": layers.depthwise_conv_split, "feature_group_count": layers.depthwise_conv_grouped,
-              "shift_add": layers.depthwise_conv_shift_add, "shift_add_vjp": layers.depthwise_conv_shift_add_vjp,
+candidates = {"split": depthwise.depthwise_conv_split, "feature_group_count": depthwise.depthwise_conv_grouped,
+              "shift_add": depthwise.depthwise_conv_shift_add,
+              "shift_add_vjp": depthwise_vjp.depthwise_conv_shift_add_vjp,
               "pointwise 1x1 (reference)": lambda x, w: conv(x, w)}
 kernels = {name: pw_kernel if name.startswith("pointwise") else dw_kernel for name in candidates}
 results = {}
@@ -375,13 +376,13 @@ save(fig, "05_depthwise_impls.png")
 #   much slower than its forward: the input's gradient becomes nine zero-padded copies of the output
 #   gradient added up, and the kernel's gradient nine reductions that each first copy a shifted input.
 # * **`shift_add_vjp`** (the default on CPU, `layers.resolve_depthwise_impl`) keeps that forward and
-#   writes the backward by hand (`jax.custom_vjp`): the input's gradient is itself a depthwise
-#   convolution of the output gradient with the kernel flipped (one fused loop again), and the
-#   kernel's gradient is nine multiply-and-sum loops. Those nine are now the most expensive part of
-#   the layer: each one is a full pass over both the input and the output gradient, and XLA has no
-#   way to compute all nine sums in one pass (that would be one loop with nine outputs). A profile
-#   of the CPU train step (`jax.profiler.trace`) shows one such tap costing about as much as the
-#   whole forward pass of its layer.
+#   writes the backward by hand (`jax.custom_vjp`, in `minimobile/depthwise_vjp.py`): the input's
+#   gradient is itself a depthwise convolution of the output gradient with the kernel flipped (one
+#   fused loop again), and the kernel's gradient is nine multiply-and-sum loops. Those nine are now
+#   the most expensive part of the layer: each one is a full pass over both the input and the output
+#   gradient, and XLA has no way to compute all nine sums in one pass (that would be one loop with
+#   nine outputs). A profile of the CPU train step (`jax.profiler.trace`) shows one such tap
+#   costing about as much as the whole forward pass of its layer.
 #
 # Beyond one layer, the only way to do better is to move fewer bytes in total: keep the depthwise
 # output in cache and feed it straight to the pointwise layer (and fold BatchNorm and ReLU6 into the
