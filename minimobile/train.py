@@ -22,6 +22,7 @@ import math
 import pathlib
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from typing import Any
@@ -642,9 +643,13 @@ def use_compilation_cache(directory: str) -> None:
         return
     try:
         pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+        # A folder that exists but takes no files (a read-only disk, another user's folder) would make
+        # JAX warn, in two lines, at every program it compiles: find out once, here.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
     except OSError as e:  # not worth stopping for: the run only compiles as it would without a cache
-        print(f"warning: no compilation cache in {directory} ({e.strerror or e}); compiling every time.",
-              file=sys.stderr)
+        print(f"warning: no compilation cache in {directory} ({e.strerror or e}); compiling every time "
+              "(--compilation-cache DIR picks another folder).", file=sys.stderr)
         jax.config.update("jax_enable_compilation_cache", False)
         return
     jax.config.update("jax_compilation_cache_dir", directory)

@@ -684,13 +684,17 @@ def test_the_hardest_classes_are_the_five_lowest_accuracies_lowest_first():
 def test_an_unusable_compilation_cache_is_a_warning_not_an_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    enabled = jax.config.jax_enable_compilation_cache
-    try:
-        train.use_compilation_cache(str(blocker / "cache"))
-        assert not jax.config.jax_enable_compilation_cache  # the run goes on, compiling as without a cache
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-    assert capsys.readouterr().err.startswith(f"warning: no compilation cache in {blocker / 'cache'}")
+    # A folder that cannot be made (a file is in the way), and one that exists but takes no files, even
+    # from root: /proc (as a read-only disk would, where JAX warned at every program it compiled).
+    for unusable in (blocker / "cache", pathlib.Path("/proc")):
+        enabled = jax.config.jax_enable_compilation_cache
+        try:
+            train.use_compilation_cache(str(unusable))
+            assert not jax.config.jax_enable_compilation_cache  # the run goes on, compiling as without a cache
+        finally:
+            jax.config.update("jax_enable_compilation_cache", enabled)
+        warning = capsys.readouterr().err
+        assert warning.startswith(f"warning: no compilation cache in {unusable} (") and warning.count("\n") == 1
 
 
 def test_every_flag_sets_the_config_field_it_names_and_nothing_else():
