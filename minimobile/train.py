@@ -94,6 +94,8 @@ class Workdir:
             # Not created for the user: a link to nowhere is often a disk not mounted yet.
             raise UserError(f"--workdir {self.path} is a link to {os.readlink(self.path)}, which does not exist; "
                             "create that directory (or mount its disk), or choose another --workdir.")
+        # The folders this run makes (deepest first): a run refused before it writes anything takes them away again.
+        self.made = [d for d in (self.path, *self.path.parents) if not d.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".writable-{os.getpid()}"  # per process: hosts may share the workdir
@@ -141,18 +143,47 @@ class Workdir:
             return
         import fcntl  # POSIX only, like the signals the loop handles
 
-        with open(self.path / ".lock", "a+") as f:
+        path = self.path / ".lock"
+        while True:
+            self.path.mkdir(parents=True, exist_ok=True)  # a run that gave up beside us may have taken it away
+            f = open(path, "a+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
+                owner = f.read().strip() or "unknown"
+                f.close()
                 parallel.largest_across_processes(1)
-                raise busy(f"process {f.read().strip() or 'unknown'}") from None
+                raise busy(f"process {owner}") from None
+            # Locked, but perhaps a file its last holder removed (below) as we opened it: then again.
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        with f:  # closing the file releases the lock
             parallel.largest_across_processes(0)
             f.truncate(0)
             f.write(f"{os.getpid()}\n")
             f.flush()
-            yield  # closing the file releases the lock
+            try:
+                yield
+            finally:
+                self.remove_if_unused()
+
+    def remove_if_unused(self) -> None:
+        """A run that stopped before writing anything (no data there, say) leaves no trace: no `.lock`,
+        and none of the folders it made. Called while the lock is held: a run that opened the file meanwhile
+        finds, once it has the lock, that the file is gone, and makes its own (`lock` above)."""
+        try:
+            if [p.name for p in self.path.iterdir()] != [".lock"]:
+                return
+            (self.path / ".lock").unlink()
+            for folder in self.made:
+                folder.rmdir()  # only an empty one goes
+        except OSError:
+            pass  # something else lives there now: leave it all
 
     def save_config(self, config: Config, dataset: data_lib.Dataset, data_dir: str | None = None) -> None:
         if jax.process_index() != 0:  # one writer, even when every host sees the same directory

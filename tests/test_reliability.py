@@ -246,6 +246,38 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lo
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
 
 
+def test_a_run_refused_before_it_writes_anything_leaves_no_trace(tmp_path, capsys, monkeypatch):
+    # A mistyped --data-dir is refused in seconds; the user should not then find runs/a/b holding
+    # nothing but our lock file. A workdir that already held something keeps all of it.
+    no_data = ["--data-dir", str(tmp_path / "nowhere"), *COMMAND]
+    code, err = run_main(["--workdir", str(tmp_path / "runs" / "a" / "b"), *no_data], capsys)
+    assert code == 2 and "cifar100 is not prepared" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine\n")
+    code, _ = run_main(["--workdir", str(tmp_path / "kept"), *no_data], capsys)
+    assert code == 2 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock", "notes.txt"]
+
+    # Removing the lock file is safe only if a run that opened it just before never takes a lock on
+    # the removed file for the workdir's: here the file goes between our open and our flock.
+    import fcntl
+
+    real_flock, removed = fcntl.flock, []
+
+    def flock_after_a_removal(f, op):
+        if not removed:
+            os.unlink(tmp_path / "kept" / ".lock")
+            removed.append(f.name)
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
+    with train.Workdir(tmp_path / "kept").lock():
+        assert removed and (tmp_path / "kept" / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match="is in use by another training run"):  # flock: per open file
+            with train.Workdir(tmp_path / "kept").lock():
+                pass
+
+
 def files_of_at_most(size: int, command: list[str]) -> list[str]:
     """`command`, run with every file it writes stopped from growing past `size` bytes.
 
