@@ -124,8 +124,7 @@ def exit_at_once_on_signals() -> None:
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wraps a CLI `main`: a `UserError` becomes one line on stderr and a non-zero exit; so do Ctrl-C and
-    SIGTERM (exit code 128 + the signal), after `finally` blocks have tidied up (a half-prepared dataset,
-    a lock file)."""
+    SIGTERM (exit code 128 + the signal), after `finally` blocks have tidied up (a workdir's lock file, say)."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
