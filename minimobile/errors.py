@@ -57,7 +57,8 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def _stopped_by(signum: int) -> str:
+def stopped_by(signum: int) -> str:
+    """The line a program stopped by a signal outside training's loop ends with."""
     return "interrupted." if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}."
 
 
@@ -115,7 +116,7 @@ def exit_at_once_on_signals() -> None:
     """
 
     def exit_now(signum, frame):
-        print(_stopped_by(signum), file=sys.stderr, flush=True)
+        print(stopped_by(signum), file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -138,7 +139,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             # Training installs its own handler while it steps (it saves first); before and after, and in
             # the other tools, a signal just stops the program.
             signum = getattr(e, "signum", signal.SIGINT)
-            print(_stopped_by(signum), file=sys.stderr)
+            print(stopped_by(signum), file=sys.stderr)
             sys.exit(128 + signum)
         except BrokenPipeError:
             # The reader of our output went away (`... | head`): stop quietly, as `cat` would.

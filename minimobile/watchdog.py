@@ -19,7 +19,10 @@ import signal
 import subprocess
 import sys
 
+from minimobile import errors
+
 CHILD_FLAG = "MINIMOBILE_WATCHED_CHILD"
+STOPPED = {errors.stopped_by(signal.SIGINT), errors.stopped_by(signal.SIGTERM)}
 PEER_DIED = ("another task died", "heartbeat timeout", "tasks are unhealthy", "Barrier failed",
              "Connection reset by peer")  # the last: a collective (gloo) whose peer process went away
 NEVER_JOINED = "CoordinationService/RegisterTask"  # with DEADLINE_EXCEEDED: the run never assembled
@@ -48,7 +51,9 @@ def run_watched(argv: list[str], workdir: str, process_id: int, peer_timeout_s: 
             for line in child.stderr:  # to the log; process 0's warnings (a damaged checkpoint...) to the user too
                 stderr.write(line)
                 stderr.flush()
-                if process_id == 0 and line.startswith("warning: "):
+                # And every process's "interrupted." (a signal before training began): its exit code
+                # needs no explaining below, but the user at its terminal should see why it ended.
+                if (process_id == 0 and line.startswith("warning: ")) or line.rstrip("\n") in STOPPED:
                     print(line, end="", file=sys.stderr, flush=True)
             code = child.wait()
         finally:

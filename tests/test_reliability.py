@@ -534,3 +534,17 @@ def test_a_child_killed_by_a_signal_is_named_and_its_watchdog_exits_non_zero(tmp
     assert err.startswith("warning: short of memory\n")  # process 0's warnings reach the user as they come
     assert "error: process 0 was killed by SIGKILL (out of memory, perhaps" in err
     assert "warning: short of memory" in (tmp_path / "logs" / "process-0.log").read_text()
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_child_stopped_by_ctrl_c_before_training_says_so_at_its_terminal(tmp_path, monkeypatch, capsys, process_id):
+    # Interrupted before training began, the child prints "interrupted." to its stderr, which the
+    # watchdog sends to the log; the user at that process's terminal must see it too, not a silent exit 130.
+    from minimobile import watchdog
+
+    stopped = [sys.executable, "-c", "import sys; print('interrupted.', file=sys.stderr); sys.exit(130)"]
+    popen = subprocess.Popen
+    monkeypatch.setattr(watchdog.subprocess, "Popen", lambda argv, **kwargs: popen(stopped, **kwargs))
+    assert watchdog.run_watched([], str(tmp_path), process_id, 10) == 130
+    assert capsys.readouterr().err == "interrupted.\n"
+    assert (tmp_path / "logs" / f"process-{process_id}.log").read_text() == "interrupted.\n"
