@@ -36,7 +36,8 @@ from minimobile import data as data_lib
 from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
-from minimobile.errors import ArgumentParser, TrainingDiverged, UserError, exit_on_user_error, silence_stdout
+from minimobile.errors import (ArgumentParser, TrainingDiverged, UserError, exit_on_user_error, silence_stdout,
+                               stopped_by)
 from minimobile.layers import DEPTHWISE_IMPLS
 from minimobile.model import MAX_WIDTH
 
@@ -812,9 +813,20 @@ def main(argv=None) -> None:
         Workdir(args.workdir)  # the watchdog logs into it: a workdir it cannot write to is one sentence, first
         sys.exit(watchdog.run_watched(sys.argv[1:] if argv is None else list(argv), args.workdir,
                                       args.process_id, args.peer_timeout))
-    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.peer_timeout)
-    use_compilation_cache(args.compilation_cache)
-    train_and_evaluate(config, args.workdir, data_dir=args.data_dir, progress=False if args.no_progress else None)
+    try:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.peer_timeout)
+        use_compilation_cache(args.compilation_cache)
+        train_and_evaluate(config, args.workdir, data_dir=args.data_dir, progress=False if args.no_progress else None)
+    except KeyboardInterrupt as e:  # a signal before training began (while it steps, the loop saves and says so)
+        if not args.coordinator:
+            raise
+        # One process of several: at exit, JAX shuts jax.distributed down, which waits for peers that a
+        # Ctrl-C may have stopped first, and crashed (SIGSEGV) when one had. The workdir is tidy by now
+        # (the `finally`s have run): leave without that shutdown.
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(stopped_by(signum), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
 
 
 if __name__ == "__main__":
