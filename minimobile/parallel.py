@@ -20,6 +20,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import signal
+import threading
 from typing import Any, Callable
 
 import jax
@@ -65,9 +67,15 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     # Collectives between CPU processes go over gloo (TCP). It only affects the CPU backend, and asking
     # which backend we are on would start it, which must not happen before initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    sigterm = signal.getsignal(signal.SIGTERM)
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s,
                                shutdown_timeout_seconds=timeout_s)
+    # initialize() starts JAX's preemption notifier, which takes SIGTERM over in C++: a SIGTERM that
+    # came before training installed its own handler was swallowed, and the run trained to its end.
+    # We handle SIGTERM ourselves (the loop saves a checkpoint; before it, the command stops): give it back.
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def setup(mode: str) -> Parallel:

@@ -548,3 +548,22 @@ def test_a_child_stopped_by_ctrl_c_before_training_says_so_at_its_terminal(tmp_p
     assert watchdog.run_watched([], str(tmp_path), process_id, 10) == 130
     assert capsys.readouterr().err == "interrupted.\n"
     assert (tmp_path / "logs" / f"process-{process_id}.log").read_text() == "interrupted.\n"
+
+
+def test_joining_a_multi_process_run_leaves_sigterm_to_our_handler():
+    # jax.distributed.initialize starts JAX's preemption notifier, which takes SIGTERM over in C++ (it
+    # logs "SIGTERM caught" and nothing else happens): a scheduler's SIGTERM between joining and the
+    # training loop was swallowed, and the run trained to its end. A process of its own: JAX joins once.
+    program = (
+        "import os, signal, sys, time\n"
+        "from minimobile import parallel\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))\n"
+        "parallel.initialize_distributed(f'127.0.0.1:{sys.argv[1]}', 1, 0, timeout_s=20)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "print(got == [signal.SIGTERM])\n")
+    from test_train import free_port
+
+    ended = subprocess.run([sys.executable, "-c", program, str(free_port())], capture_output=True, text=True, timeout=120)
+    assert ended.stdout == "True\n", ended.stderr[-2000:]
