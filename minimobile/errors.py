@@ -115,12 +115,17 @@ def exit_at_once_on_signals() -> None:
     written yet, so there is nothing to finish. `exit_on_user_error` takes over once `main` runs.
     """
 
-    def exit_now(signum, frame):
-        print(stopped_by(signum), file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, exit_now)
+        signal.signal(s, lambda signum, frame: exit_at_once(signum))
+
+
+def exit_at_once(signum: int) -> None:
+    """Say in one line that `signum` stopped us, and leave now, without Python's exit-time clean-up (JAX's
+    shutdown of jax.distributed among it): for when there is nothing left to finish."""
+    with contextlib.suppress(OSError):  # a stdout whose reader has gone
+        sys.stdout.flush()
+    print(stopped_by(signum), file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:

@@ -36,8 +36,8 @@ from minimobile import data as data_lib
 from minimobile import parallel, report, steps, watchdog
 from minimobile.checkpoint import Checkpoints
 from minimobile.config import MODEL_FIELDS, RECIPES, Config, recipe
-from minimobile.errors import (ArgumentParser, TrainingDiverged, UserError, exit_on_user_error, silence_stdout,
-                               stopped_by)
+from minimobile.errors import (ArgumentParser, TrainingDiverged, UserError, exit_at_once, exit_on_user_error,
+                               silence_stdout)
 from minimobile.layers import DEPTHWISE_IMPLS
 from minimobile.model import MAX_WIDTH
 
@@ -823,10 +823,7 @@ def main(argv=None) -> None:
         # One process of several: at exit, JAX shuts jax.distributed down, which waits for peers that a
         # Ctrl-C may have stopped first, and crashed (SIGSEGV) when one had. The workdir is tidy by now
         # (the `finally`s have run): leave without that shutdown.
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(stopped_by(signum), file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(128 + signum)
+        exit_at_once(getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":
